@@ -1,0 +1,330 @@
+"""Decoding one window: greedy, sampling and beam search over a backend's cached decoder.
+
+Whisper's decoding rules, written for a key/value cache that stays with the backend:
+timestamp-token grammar, suppression of blank and non-speech tokens, the no-speech probability,
+prompt conditioning, and ranking of finished beams by length-normalised log-probability.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from .backend import Backend
+from .tokenizer import WhisperTokenizer
+
+__all__ = ["TIME_PRECISION", "DecodingOptions", "DecodingResult", "compression_ratio", "decode"]
+
+TIME_PRECISION = 0.02  # seconds per timestamp token
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    temperature: float = 0.0
+    beam_size: int = 1  # 1: greedy (or sampling when temperature > 0)
+    best_of: int = 5  # candidates sampled when temperature > 0
+    patience: float = 1.0
+    length_penalty: float | None = None  # None: divide by length, as Whisper does
+    sample_len: int | None = None  # max new tokens; default: half the text context
+    prompt: tuple[int, ...] = ()  # previous text, fed after <|startofprev|>
+    prefix: tuple[int, ...] = ()  # forced start of the transcript
+    without_timestamps: bool = False
+    max_initial_timestamp: float = 1.0
+    max_timestamp: float | None = None  # window length: timestamps past the audio are impossible
+    suppress_blank: bool = True
+    suppress_tokens: tuple[int, ...] | None = None  # None: the model's list (or non-speech symbols)
+    language: str | None = "en"
+    loop_guard: bool = False  # stop a hypothesis that starts over or repeats itself (see _looping)
+
+
+@dataclass
+class DecodingResult:
+    tokens: list[int]
+    text: str
+    avg_logprob: float
+    sum_logprob: float
+    no_speech_prob: float
+    temperature: float
+    compression_ratio: float
+    token_logprobs: list[float] = field(default_factory=list)
+    looped: bool = False  # the loop guard cut this hypothesis short
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of text over bytes after zlib: high for repetition loops."""
+    data = text.encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(axis=-1, keepdims=True)
+    y = x - m
+    return y - np.log(np.exp(y).sum(axis=-1, keepdims=True))
+
+
+class _Rules:
+    """Logit masks applied before each token choice."""
+
+    def __init__(self, tok: WhisperTokenizer, opts: DecodingOptions, suppress: list[int], sample_begin: int) -> None:
+        self.tok = tok
+        self.opts = opts
+        self.sample_begin = sample_begin
+        self.suppress = np.array(sorted(set(suppress)), dtype=np.int64)
+        self.begin_suppress = np.array([*tok.encode(" "), tok.eot], dtype=np.int64)
+        self.ts_begin = tok.timestamp_begin
+
+    def apply(self, logits: np.ndarray, tokens: list[list[int]], begin_suppress: np.ndarray | None) -> None:
+        """Mask ``logits`` ``[B, V]`` in place for the hypotheses ``tokens``."""
+        neg = -np.inf
+        n_generated = len(tokens[0]) - self.sample_begin
+        if n_generated == 0 and self.opts.suppress_blank:
+            logits[:, begin_suppress if begin_suppress is not None else self.begin_suppress] = neg
+        if len(self.suppress):
+            logits[:, self.suppress] = neg
+        if self.opts.without_timestamps:
+            logits[:, self.ts_begin :] = neg
+            return
+        ts = self.ts_begin
+        eot = self.tok.eot
+        logits[:, self.tok.no_timestamps] = neg
+        if self.opts.max_timestamp is not None:
+            last_possible = ts + round(self.opts.max_timestamp / TIME_PRECISION)
+            logits[:, last_possible + 1 :] = neg
+        for k, seq_all in enumerate(tokens):
+            seq = seq_all[self.sample_begin :]
+            last_ts = len(seq) >= 1 and seq[-1] >= ts
+            penultimate_ts = len(seq) < 2 or seq[-2] >= ts
+            if last_ts:
+                if penultimate_ts:  # a pair closed: text (or eot) must follow
+                    logits[k, ts:] = neg
+                else:  # an open timestamp: another timestamp or eot must follow
+                    logits[k, :eot] = neg
+            stamps = [t for t in seq if t >= ts]
+            if stamps:
+                # Timestamps never decrease, and a segment is never empty.
+                floor = stamps[-1] if (last_ts and not penultimate_ts) else stamps[-1] + 1
+                logits[k, ts:floor] = neg
+        if n_generated == 0:
+            logits[:, :ts] = neg  # the first token is a timestamp
+            if self.opts.max_initial_timestamp:
+                last_allowed = ts + round(self.opts.max_initial_timestamp / TIME_PRECISION)
+                logits[:, last_allowed + 1 :] = neg
+        # If the timestamps together are likelier than any text token, take a timestamp.
+        logprobs = _log_softmax(logits)
+        with np.errstate(divide="ignore"):
+            ts_mass = np.logaddexp.reduce(logprobs[:, ts:], axis=-1)
+        max_text = logprobs[:, :ts].max(axis=-1)
+        logits[ts_mass > max_text, :ts] = neg
+
+
+def _initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: int) -> tuple[list[int], int]:
+    """Prompt + start-of-transcript sequence; returns the tokens and the index of <|sot|>."""
+    tokens: list[int] = []
+    if opts.prompt:
+        tokens = [tok.sot_prev, *list(opts.prompt)[-(n_text_ctx // 2 - 1) :]]
+    sot_index = len(tokens)
+    tokens += tok.sot_sequence(opts.language)
+    if opts.without_timestamps:
+        tokens.append(tok.no_timestamps)
+    if opts.prefix:
+        tokens += list(opts.prefix)[-(n_text_ctx // 2 - 1) :]
+    return tokens, sot_index
+
+
+def _suppress_list(tok: WhisperTokenizer, opts: DecodingOptions, model_list: list[int]) -> list[int]:
+    base = list(opts.suppress_tokens) if opts.suppress_tokens is not None else (model_list or tok.non_speech_tokens)
+    specials = [tok.sot, tok.sot_prev, tok.no_speech]
+    for name in ("<|transcribe|>", "<|translate|>", "<|startoflm|>"):
+        with contextlib.suppress(KeyError):
+            specials.append(tok.special(name))
+    return [t for t in [*base, *specials] if t >= 0]
+
+
+RESTART_NGRAM = 4
+REPEAT_NGRAM = 8
+
+
+def _loop_start(seq: list[int], sample_begin: int, ts_begin: int) -> int | None:
+    """Index in ``seq`` where a loop's first repeated copy begins, or ``None``.
+
+    A hypothesis loops when its text starts over (its last 4 text tokens are its first 4) or
+    repeats an 8-token run it already produced. Unpadded windows make Whisper do this at the end
+    of the audio: it never saw speech end without trailing silence.
+    """
+    positions = [i for i in range(sample_begin, len(seq)) if seq[i] < ts_begin]
+    text = [seq[i] for i in positions]
+    n = len(text)
+    if n >= 2 * RESTART_NGRAM and text[-RESTART_NGRAM:] == text[:RESTART_NGRAM]:
+        return positions[n - RESTART_NGRAM]
+    if n >= 2 * REPEAT_NGRAM:
+        tail = text[-REPEAT_NGRAM:]
+        for i in range(n - 2 * REPEAT_NGRAM + 1):
+            if text[i : i + REPEAT_NGRAM] == tail:
+                return positions[n - REPEAT_NGRAM]
+    return None
+
+
+def decode(
+    backend: Backend,
+    features: object,
+    tok: WhisperTokenizer,
+    opts: DecodingOptions = DecodingOptions(),
+    model_suppress: list[int] | None = None,
+    model_suppress_begin: list[int] | None = None,
+    rng: np.random.Generator | None = None,
+) -> DecodingResult:
+    """Decode one window of encoded audio and return the best hypothesis."""
+    n_text_ctx = backend.dims.n_text_ctx
+    initial, sot_index = _initial_tokens(tok, opts, n_text_ctx)
+    sample_begin = len(initial)
+    sample_len = opts.sample_len or n_text_ctx // 2
+    sample_len = min(sample_len, n_text_ctx - sample_begin)
+    rules = _Rules(tok, opts, _suppress_list(tok, opts, model_suppress or []), sample_begin)
+    begin_suppress = np.array(model_suppress_begin, dtype=np.int64) if model_suppress_begin else None
+
+    beam = opts.beam_size > 1 and opts.temperature == 0
+    n_rows = opts.beam_size if beam else (opts.best_of if opts.temperature > 0 else 1)
+    session = backend.decoder(features, n_rows)
+    batch = np.tile(np.array(initial, dtype=np.int64), (n_rows, 1))
+    logits = session.step(batch, positions=(sot_index, -1))
+    sot_logits = logits[0, 0].astype(np.float64)
+    no_speech_prob = float(np.exp(_log_softmax(sot_logits)[tok.no_speech])) if tok.no_speech >= 0 else 0.0
+    logits = logits[:, 1]
+
+    guard = (lambda seq: _loop_start(seq, sample_begin, tok.timestamp_begin) is not None) if opts.loop_guard else None
+    if beam:
+        best = _beam_search(session, logits, initial, rules, begin_suppress, opts, sample_len, tok.eot, guard)
+    else:
+        best = _sample(session, logits, initial, rules, begin_suppress, opts, sample_len, tok.eot, rng, guard)
+    tokens, sum_logprob, token_logprobs, looped = best
+    if looped:
+        # Keep what came before the loop; close it at the end of the window.
+        cut = _loop_start(tokens, sample_begin, tok.timestamp_begin) or len(tokens)
+        tokens = tokens[:cut]
+        token_logprobs = token_logprobs[: cut - sample_begin]
+        sum_logprob = float(sum(token_logprobs))
+        if not opts.without_timestamps and opts.max_timestamp is not None and tokens[-1] < tok.timestamp_begin:
+            tokens.append(tok.timestamp_begin + round(opts.max_timestamp / TIME_PRECISION))
+    text_tokens = tokens[sample_begin:]
+    if text_tokens and text_tokens[-1] == tok.eot:
+        text_tokens = text_tokens[:-1]
+    text = tok.decode(text_tokens)
+    return DecodingResult(
+        tokens=text_tokens,
+        text=text,
+        avg_logprob=sum_logprob / (len(text_tokens) + 1),
+        sum_logprob=sum_logprob,
+        no_speech_prob=no_speech_prob,
+        temperature=opts.temperature,
+        compression_ratio=compression_ratio(text),
+        token_logprobs=token_logprobs,
+        looped=looped,
+    )
+
+
+def _sample(session, logits, initial, rules, begin_suppress, opts, sample_len, eot, rng, guard):
+    """Greedy (temperature 0) or sampled decoding of every row; returns the best finished row."""
+    n = logits.shape[0]
+    seqs = [list(initial) for _ in range(n)]
+    sum_lp = np.zeros(n)
+    lps: list[list[float]] = [[] for _ in range(n)]
+    done = np.zeros(n, dtype=bool)
+    looped = np.zeros(n, dtype=bool)
+    rng = rng or np.random.default_rng(0)
+    for _ in range(sample_len):
+        logits = logits.astype(np.float64)
+        rules.apply(logits, seqs, begin_suppress)
+        logprobs = _log_softmax(logits)
+        if opts.temperature == 0:
+            next_tokens = logits.argmax(-1)
+        else:
+            p = np.exp(_log_softmax(logits / opts.temperature))
+            next_tokens = np.array([rng.choice(len(row), p=row / row.sum()) for row in p])
+        for k in range(n):
+            if done[k]:
+                next_tokens[k] = eot
+                continue
+            t = int(next_tokens[k])
+            lp = float(logprobs[k, t])
+            sum_lp[k] += lp
+            lps[k].append(lp)
+            seqs[k].append(t)
+            if t == eot:
+                done[k] = True
+            elif guard is not None and guard(seqs[k]):
+                done[k] = looped[k] = True
+        if done.all():
+            break
+        logits = session.step(next_tokens[:, None].astype(np.int64))[:, -1]
+    lengths = np.array([len(s) - len(initial) for s in seqs])
+    scores = _rank_scores(sum_lp, lengths, opts.length_penalty)
+    best = int(np.argmax(scores))
+    return seqs[best], float(sum_lp[best]), lps[best], bool(looped[best])
+
+
+def _rank_scores(sum_lp: np.ndarray, lengths: np.ndarray, length_penalty: float | None) -> np.ndarray:
+    lengths = np.maximum(lengths, 1)
+    penalty = lengths if length_penalty is None else ((5 + lengths) / 6) ** length_penalty
+    return sum_lp / penalty
+
+
+def _beam_search(session, logits, initial, rules, begin_suppress, opts, sample_len, eot, guard):
+    """Whisper-style beam search: keep ``beam_size`` live beams, collect ``beam_size * patience``
+    finished ones, rank by length-normalised log-probability."""
+    beam_size = opts.beam_size
+    max_finished = max(1, round(beam_size * opts.patience))
+    beams: list[tuple[list[int], float, list[float]]] = [(list(initial), 0.0, []) for _ in range(beam_size)]
+    finished: dict[tuple[int, ...], tuple[float, list[float]]] = {}
+    for step in range(sample_len):
+        logits = logits.astype(np.float64)
+        rules.apply(logits, [b[0] for b in beams], begin_suppress)
+        logprobs = _log_softmax(logits)
+        candidates: dict[tuple[int, ...], tuple[float, int, list[float]]] = {}
+        for k, (seq, score, lps) in enumerate(beams):
+            row = logprobs[k]
+            top = np.argpartition(-row, beam_size)[: beam_size + 1]
+            for t in top:
+                lp = float(row[t])
+                if lp == -np.inf:
+                    continue
+                key = (*seq, int(t))
+                if key not in candidates:
+                    candidates[key] = (score + lp, k, [*lps, lp])
+        ranked = sorted(candidates.items(), key=lambda kv: kv[1][0], reverse=True)
+        next_beams: list[tuple[list[int], float, list[float]]] = []
+        sources: list[int] = []
+        for key, (score, src, lps) in ranked:
+            if key[-1] == eot or (guard is not None and guard(list(key))):
+                if len(finished) < max_finished:
+                    finished[key] = (score, lps)
+            else:
+                next_beams.append((list(key), score, lps))
+                sources.append(src)
+            if len(next_beams) == beam_size:
+                break
+        if len(finished) >= max_finished or not next_beams or step == sample_len - 1:
+            break
+        while len(next_beams) < beam_size:  # fewer live candidates than beams: repeat the best
+            next_beams.append(next_beams[0])
+            sources.append(sources[0])
+        session.reorder(np.array(sources))
+        beams = next_beams
+        logits = session.step(np.array([[b[0][-1]] for b in beams], dtype=np.int64))[:, -1]
+    # Too few finished: the best live beams count as finished (as Whisper does).
+    for seq, score, lps in sorted(beams, key=lambda b: b[1], reverse=True):
+        if len(finished) >= beam_size:
+            break
+        finished.setdefault(tuple(seq), (score, lps))
+    keys = list(finished)
+    sum_lp = np.array([finished[k][0] for k in keys])
+    lengths = np.array([len(k) - len(initial) for k in keys])
+    best = int(np.argmax(_rank_scores(sum_lp, lengths, opts.length_penalty)))
+    best_seq = list(keys[best])
+    return best_seq, float(sum_lp[best]), finished[keys[best]][1], best_seq[-1] != eot
+
+
+def with_options(opts: DecodingOptions, **changes: object) -> DecodingOptions:
+    return replace(opts, **changes)

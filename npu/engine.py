@@ -1,0 +1,174 @@
+"""The engine: one loaded model (weights, tokenizer, backend) and window-level operations.
+
+Everything above this — offline transcription with seeking, the streaming daemon — works in
+windows: encode a stretch of audio once, decode it (with temperature fallback), time its words.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .backend import Backend
+from .backends import create_backend
+from .decoding import DecodingOptions, DecodingResult, decode
+from .mel import HOP_LENGTH, N_FRAMES, N_SAMPLES
+from .timing import WordTiming, find_alignment, merge_punctuations
+from .tokenizer import WhisperTokenizer
+from .weights import WhisperWeights, load_weights
+
+__all__ = ["EncodedWindow", "Engine", "FallbackPolicy"]
+
+log = logging.getLogger(__name__)
+
+# Unpadded windows: Whisper was trained on 30 s windows padded with silence, and on a window
+# that ends with the speech it tends not to emit the closing timestamp and starts over. Measured
+# on the dev corpus (BENCHMARKS.md): the real audio plus 1 s of silence, and at least 15 s in
+# all, gives the WER of padded windows with no padded retries.
+UNPADDED_TAIL_FRAMES = 100
+MIN_UNPADDED_FRAMES = 1500
+
+
+@dataclass(frozen=True)
+class FallbackPolicy:
+    """Re-decode at rising temperatures when a result looks like a loop or garbage.
+
+    Bounded by ``temperatures``; an empty tail (just ``(0.0,)``) turns it off.
+    """
+
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+
+    def is_silence(self, r: DecodingResult) -> bool:
+        """Likely no speech: the no-speech probability is high and the text unlikely."""
+        if self.no_speech_threshold is None or r.no_speech_prob <= self.no_speech_threshold:
+            return False
+        return self.logprob_threshold is None or r.avg_logprob < self.logprob_threshold
+
+    def needs_fallback(self, r: DecodingResult) -> bool:
+        if self.logprob_threshold is not None and self.is_silence(r):
+            return False  # silence: a low score is expected, retrying would only hallucinate
+        if self.compression_ratio_threshold is not None and r.compression_ratio > self.compression_ratio_threshold:
+            return True
+        return self.logprob_threshold is not None and r.avg_logprob < self.logprob_threshold
+
+
+NO_FALLBACK = FallbackPolicy(temperatures=(0.0,))
+
+
+@dataclass
+class EncodedWindow:
+    """A window's encoder output, how much real audio it covers, and the mel it came from
+    (kept so that a failed unpadded decode can be retried on the padded window)."""
+
+    features: object  # backend-specific, possibly on the device
+    num_frames: int  # mel frames of real audio (excluding any padding)
+    padded: bool
+    mel: np.ndarray  # [n_mels, N_FRAMES]: the real frames followed by silence
+
+    @property
+    def duration(self) -> float:
+        return self.num_frames * HOP_LENGTH / 16000
+
+
+class Engine:
+    """A model ready to run: ``Engine.load()`` takes the bundled tiny.en on the best backend."""
+
+    def __init__(self, weights: WhisperWeights, backend: Backend, tokenizer: WhisperTokenizer) -> None:
+        self.weights = weights
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.tail_frames = UNPADDED_TAIL_FRAMES
+        self.min_window_frames = MIN_UNPADDED_FRAMES
+        self.padded_retries = 0  # unpadded windows that had to be re-run padded (a health figure)
+
+    @classmethod
+    def load(cls, model: str | Path | None = None, backend: str = "auto") -> Engine:
+        weights = load_weights(model)
+        tokenizer = WhisperTokenizer(weights.path / "tokenizer.json", weights.dims.n_vocab)
+        return cls(weights, create_backend(weights, backend), tokenizer)
+
+    @property
+    def model_name(self) -> str:
+        return self.weights.name
+
+    @property
+    def devices(self) -> dict[str, str]:
+        return self.backend.devices
+
+    def encode(self, mel: np.ndarray, num_frames: int | None = None, pad_to_30s: bool = False) -> EncodedWindow:
+        """Encode the first ``num_frames`` frames of ``mel`` as one window.
+
+        ``mel`` should run on past the real audio into silence (``log_mel(..., padding=N_SAMPLES)``
+        gives that). Unpadded (the default) encodes the real frames plus ``tail_frames`` of that
+        silence, at least ``min_window_frames``, so a short window costs a fraction of a 30 s one;
+        ``pad_to_30s`` encodes 3000 frames, as Whisper was trained.
+        """
+        num_frames = min(mel.shape[-1] if num_frames is None else num_frames, N_FRAMES)
+        if mel.shape[-1] < N_FRAMES:
+            silence = self.backend.log_mel(np.zeros(0, np.float32), padding=N_SAMPLES)[:, :1].min()
+            fill = min(float(mel.min()), float(silence)) if mel.size else float(silence)
+            mel = np.pad(mel, ((0, 0), (0, N_FRAMES - mel.shape[-1])), constant_values=fill)
+        mel = mel[:, :N_FRAMES]
+        if pad_to_30s:
+            frames = N_FRAMES
+        else:
+            frames = min(N_FRAMES, max(num_frames + self.tail_frames, self.min_window_frames))
+            frames += frames % 2
+        return EncodedWindow(self.backend.encode(mel[:, :frames]), num_frames, frames == N_FRAMES, mel)
+
+    def decode(
+        self,
+        window: EncodedWindow,
+        options: DecodingOptions,
+        fallback: FallbackPolicy = NO_FALLBACK,
+    ) -> tuple[DecodingResult, EncodedWindow]:
+        """Decode a window, retrying at higher temperatures while ``fallback`` says so.
+
+        An unpadded window whose result loops or fails ``fallback``'s checks at temperature 0 is
+        re-encoded padded to 30 s and decoded again, before any temperature is raised: padding is
+        the regime Whisper was trained in. Returns the result and the window it came from.
+        """
+        if not window.padded:
+            first = self._decode_at(window, replace(options, loop_guard=True, max_timestamp=window.duration), 0.0)
+            if not first.looped and not self._fails(first, fallback):
+                return first, window
+            self.padded_retries += 1
+            log.debug("unpadded window failed (looped=%s); re-encoding padded", first.looped)
+            window = self.encode(window.mel, window.num_frames, pad_to_30s=True)
+        result: DecodingResult | None = None
+        for temperature in fallback.temperatures:
+            result = self._decode_at(window, options, temperature)
+            if not fallback.needs_fallback(result):
+                break
+            log.debug(
+                "fallback from T=%.1f: cr=%.2f lp=%.2f", temperature, result.compression_ratio, result.avg_logprob
+            )
+        assert result is not None
+        return result, window
+
+    @staticmethod
+    def _fails(result: DecodingResult, fallback: FallbackPolicy) -> bool:
+        checks = fallback if len(fallback.temperatures) > 1 else FallbackPolicy()
+        return checks.needs_fallback(result)
+
+    def _decode_at(self, window: EncodedWindow, options: DecodingOptions, temperature: float) -> DecodingResult:
+        return decode(
+            self.backend,
+            window.features,
+            self.tokenizer,
+            replace(options, temperature=temperature),
+            self.weights.suppress_tokens,
+            self.weights.suppress_tokens_begin,
+        )
+
+    def word_timings(self, window: EncodedWindow, text_tokens: list[int]) -> list[WordTiming]:
+        """Words of ``text_tokens`` (timestamp tokens are ignored) with times relative to the window."""
+        text = [t for t in text_tokens if t < self.tokenizer.eot]
+        words = find_alignment(self.backend, window.features, self.tokenizer, text, window.num_frames)
+        return merge_punctuations(words)

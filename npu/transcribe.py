@@ -1,0 +1,197 @@
+"""Offline transcription of a whole recording: windows of up to 30 s, seeking on timestamps.
+
+Each window is decoded with timestamps; complete ``<|t0|> text <|t1|>`` pairs become segments and
+the next window starts at the last complete timestamp (or after the window when it ended in
+silence). Previous text conditions the next window unless a fallback ran hot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .decoding import TIME_PRECISION, DecodingOptions
+from .engine import Engine, FallbackPolicy
+from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+
+__all__ = ["Segment", "TranscribeOptions", "Transcript", "Word", "transcribe"]
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    beam_size: int = 1
+    patience: float = 1.0
+    best_of: int = 5
+    fallback: FallbackPolicy = field(default_factory=FallbackPolicy)
+    condition_on_previous_text: bool = True
+    initial_prompt: str | None = None
+    word_timestamps: bool = True
+    pad_to_30s: bool = False
+    language: str | None = "en"
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    p: float
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+    tokens: list[int]
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    temperature: float
+    words: list[Word] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "start": round(self.start, 3),
+            "end": round(self.end, 3),
+            "text": self.text,
+            "words": [
+                {"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3), "p": round(w.p, 4)}
+                for w in self.words
+            ],
+        }
+
+
+@dataclass
+class Transcript:
+    text: str
+    segments: list[Segment]
+    duration: float
+
+    def to_dict(self) -> dict:
+        return {"text": self.text, "segments": [s.to_dict() for s in self.segments], "audio_s": self.duration}
+
+    def as_plain(self) -> dict:
+        return asdict(self)
+
+
+def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: float) -> tuple[list, int | None]:
+    """Cut a window's tokens into (start, end, text tokens) triples.
+
+    Returns the triples and the frame (relative to the window) where the next window should start,
+    or ``None`` to continue right after this window.
+    """
+    is_ts = [t >= ts_begin for t in tokens]
+    single_ending = len(tokens) >= 2 and not is_ts[-2] and is_ts[-1]
+    cuts = [i + 1 for i in range(len(tokens) - 1) if is_ts[i] and is_ts[i + 1]]
+    out = []
+    if cuts:
+        slices = cuts + ([len(tokens)] if single_ending else [])
+        last = 0
+        for cut in slices:
+            piece = tokens[last:cut]
+            start = (piece[0] - ts_begin) * TIME_PRECISION
+            end = (piece[-1] - ts_begin) * TIME_PRECISION
+            text = [t for t in piece if t < ts_begin]
+            if text:
+                out.append((offset + start, offset + end, text))
+            last = cut
+        if single_ending:
+            return out, None
+        last_ts = tokens[last - 1] - ts_begin
+        return out, round(last_ts * TIME_PRECISION * FRAMES_PER_SECOND)
+    stamps = [t - ts_begin for t in tokens if t >= ts_begin]
+    end = window_s
+    if stamps and stamps[-1] > 0:
+        end = stamps[-1] * TIME_PRECISION
+    text = [t for t in tokens if t < ts_begin]
+    if text:
+        out.append((offset, offset + end, text))
+    return out, None
+
+
+def transcribe(
+    engine: Engine,
+    audio: np.ndarray,
+    options: TranscribeOptions = TranscribeOptions(),
+    progress: Callable[[float, float], None] | None = None,
+) -> Transcript:
+    """Transcribe 16 kHz mono float32 ``audio``; ``progress(done_s, total_s)`` is called per window."""
+    tok = engine.tokenizer
+    mel = engine.backend.log_mel(audio, padding=N_SAMPLES)
+    content_frames = max(0, mel.shape[-1] - N_FRAMES)
+    duration = len(audio) / SAMPLE_RATE
+    all_tokens: list[int] = []
+    prompt_reset = 0
+    if options.initial_prompt:
+        all_tokens = tok.encode(" " + options.initial_prompt.strip())
+    segments: list[Segment] = []
+    seek = 0
+    while seek < content_frames:
+        size = min(N_FRAMES, content_frames - seek)
+        offset = seek * HOP_LENGTH / SAMPLE_RATE
+        window = engine.encode(mel[:, seek : seek + N_FRAMES], num_frames=size, pad_to_30s=options.pad_to_30s)
+        decode_opts = DecodingOptions(
+            beam_size=options.beam_size,
+            patience=options.patience,
+            best_of=options.best_of,
+            prompt=tuple(all_tokens[prompt_reset:]) if options.condition_on_previous_text else (),
+            language=options.language,
+        )
+        result, window = engine.decode(window, decode_opts, options.fallback)
+        if options.fallback.is_silence(result):
+            seek += size
+            if progress:
+                progress(min(duration, seek / FRAMES_PER_SECOND), duration)
+            continue
+
+        pieces, next_seek = _split_segments(result.tokens, tok.timestamp_begin, offset, size / FRAMES_PER_SECOND)
+        new_segments = [
+            Segment(
+                start=start,
+                end=end,
+                text=tok.decode(text),
+                tokens=text,
+                avg_logprob=result.avg_logprob,
+                no_speech_prob=result.no_speech_prob,
+                compression_ratio=result.compression_ratio,
+                temperature=result.temperature,
+            )
+            for start, end, text in pieces
+            if tok.decode(text).strip()
+        ]
+        if options.word_timestamps and new_segments:
+            _add_words(engine, window, new_segments, offset)
+        segments += new_segments
+        seek += next_seek if next_seek else size
+        all_tokens += [t for s in new_segments for t in s.tokens]
+        if not options.condition_on_previous_text or result.temperature > 0.5:
+            prompt_reset = len(all_tokens)
+        if progress:
+            progress(min(duration, seek / FRAMES_PER_SECOND), duration)
+    text = "".join(s.text for s in segments).strip()
+    return Transcript(text=text, segments=segments, duration=duration)
+
+
+def _add_words(engine: Engine, window, segments: list[Segment], offset: float) -> None:
+    """Time every word of a window's segments in one alignment pass, then hand words back to
+    their segments by token count."""
+    tokens = [t for s in segments for t in s.tokens]
+    timings = engine.word_timings(window, tokens)
+    i = 0
+    for seg in segments:
+        count = 0
+        while i < len(timings) and count < len(seg.tokens):
+            w = timings[i]
+            start = min(max(offset + w.start, seg.start), seg.end)
+            end = min(max(offset + w.end, start), seg.end)
+            seg.words.append(Word(w.word, start, end, w.probability))
+            count += len(w.tokens)
+            i += 1
+    # Words of one window never go backwards in time.
+    for seg in segments:
+        for prev, w in zip(seg.words, seg.words[1:], strict=False):
+            if w.start < prev.end:
+                w.start = min(prev.end, w.end)

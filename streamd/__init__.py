@@ -1,0 +1,3 @@
+"""streamd: a streaming, real-time Whisper transcription daemon."""
+
+__version__ = "0.1.0"
