@@ -61,21 +61,28 @@ def _hann(n: int = N_FFT) -> np.ndarray:
     return (0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n) / n)).astype(np.float32)
 
 
-def power_spectrogram(audio: np.ndarray) -> np.ndarray:
-    """``|STFT|^2`` of 16 kHz mono audio, ``[n_fft // 2 + 1, n_frames]`` float32, last frame dropped."""
+def power_spectrogram(audio: np.ndarray, block_frames: int = 1000) -> np.ndarray:
+    """``|STFT|^2`` of 16 kHz mono audio, ``[n_fft // 2 + 1, n_frames]`` float32, last frame dropped.
+
+    Computed ``block_frames`` at a time in single precision, so a long file costs its output
+    and one block of temporaries rather than several float64 copies of the whole STFT.
+    """
     audio = np.asarray(audio, dtype=np.float32)
     pad = N_FFT // 2
     if len(audio) <= pad:
         # Reflect padding needs more samples than the pad; silence-pad tiny inputs first.
         audio = np.pad(audio, (0, pad + 1 - len(audio)))
     padded = np.pad(audio, pad, mode="reflect")
-    n_frames = 1 + (len(padded) - N_FFT) // HOP_LENGTH
+    n_frames = (len(padded) - N_FFT) // HOP_LENGTH  # one fewer than the STFT has: Whisper drops it
     frames = np.lib.stride_tricks.as_strided(
-        padded, shape=(n_frames - 1, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0])
+        padded, shape=(n_frames, N_FFT), strides=(padded.strides[0] * HOP_LENGTH, padded.strides[0])
     )
-    spectrum = np.fft.rfft(frames * _hann(), axis=-1)
-    power = spectrum.real**2 + spectrum.imag**2
-    return power.T.astype(np.float32)
+    out = np.empty((N_FFT // 2 + 1, n_frames), np.float32)
+    window = _hann()
+    for i in range(0, n_frames, block_frames):
+        spectrum = np.fft.rfft(frames[i : i + block_frames] * window, axis=-1)
+        out[:, i : i + block_frames] = (spectrum.real**2 + spectrum.imag**2).T
+    return out
 
 
 def log_mel(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray:
@@ -86,7 +93,10 @@ def log_mel(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray
     audio = np.asarray(audio, dtype=np.float32)
     if padding:
         audio = np.pad(audio, (0, padding))
-    mel = mel_filters(n_mels) @ power_spectrogram(audio)
-    log_spec = np.log10(np.maximum(mel, 1e-10))
-    log_spec = np.maximum(log_spec, log_spec.max() - 8.0)
-    return ((log_spec + 4.0) / 4.0).astype(np.float32)
+    log_spec = mel_filters(n_mels) @ power_spectrogram(audio)
+    np.maximum(log_spec, np.float32(1e-10), out=log_spec)
+    np.log10(log_spec, out=log_spec)
+    np.maximum(log_spec, log_spec.max() - np.float32(8.0), out=log_spec)
+    log_spec += np.float32(4.0)
+    log_spec /= np.float32(4.0)
+    return log_spec

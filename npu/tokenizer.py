@@ -132,8 +132,9 @@ class WhisperTokenizer:
         groups: list[list[int]] = []
         for token in tokens:
             piece = self.decode_token_bytes(token)
+            special = token >= self.eot
             starts_word = piece.startswith(" ") or (piece.strip() in string.punctuation and piece.strip() != "")
-            if not words or starts_word or "\ufffd" in words[-1]:
+            if not words or special or groups[-1][0] >= self.eot or starts_word or "\ufffd" in words[-1]:
                 words.append(piece)
                 groups.append([token])
             else:

@@ -11,10 +11,11 @@ float16 files are converted to float32 at load: numpy's float16 matmul is hundre
 from __future__ import annotations
 
 import json
-import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -92,30 +93,36 @@ def default_model_path() -> Path:
 
 
 class _Reader:
-    """Bounds-checked little-endian reader over a byte buffer; every overrun is a clear error."""
+    """Bounds-checked little-endian reader over a file; every short read is a clear error.
 
-    def __init__(self, buf: memoryview | bytes, path: Path) -> None:
-        self.buf = buf
-        self.pos = 0
+    Reads variable by variable (rather than mapping the file) so that peak memory is the
+    float32 model plus one variable in its stored type.
+    """
+
+    def __init__(self, f: BinaryIO, size: int, path: Path) -> None:
+        self.f = f
+        self.size = size
         self.path = path
 
-    def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or self.pos + n > len(self.buf):
+    @property
+    def pos(self) -> int:
+        return self.f.tell()
+
+    def take(self, n: int, what: str) -> bytes:
+        start = self.f.tell()
+        if n < 0 or start + n > self.size:
             raise ModelError(
                 self.path,
-                f"truncated: needs {n} bytes for {what} at offset {self.pos}, file has {len(self.buf)}",
+                f"truncated: needs {n} bytes for {what} at offset {start}, file has {self.size}",
             )
-        view = memoryview(self.buf)[self.pos : self.pos + n]
-        self.pos += n
-        return view
+        return self.f.read(n)
 
     def unpack(self, fmt: str, what: str) -> int:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.take(size, what))[0]
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
     def string(self, what: str) -> str:
         n = self.unpack("<H", f"length of {what}")
-        raw = bytes(self.take(n, what))
+        raw = self.take(n, what)
         if n == 0 or raw[-1] != 0:
             raise ModelError(self.path, f"corrupt: {what} at offset {self.pos - n} is not NUL-terminated")
         try:
@@ -127,13 +134,16 @@ class _Reader:
 def _read_ct2_variables(path: Path) -> tuple[str, dict[str, np.ndarray]]:
     try:
         with open(path, "rb") as f:
-            size = f.seek(0, 2)
+            size = os.fstat(f.fileno()).st_size
             if size == 0:
                 raise ModelError(path, "empty file")
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return _parse_ct2(_Reader(f, size, path))
     except OSError as e:
         raise ModelError(path, e.strerror or str(e)) from None
-    r = _Reader(buf, path)
+
+
+def _parse_ct2(r: _Reader) -> tuple[str, dict[str, np.ndarray]]:
+    path = r.path
     version = r.unpack("<I", "format version")
     if version != 6:
         raise ModelError(path, f"unsupported CTranslate2 binary version {version} (this reader knows 6)")
@@ -153,41 +163,46 @@ def _read_ct2_variables(path: Path) -> tuple[str, dict[str, np.ndarray]]:
         nbytes = r.unpack("<I", f"size of {name}")
         if dtype_id not in _CT2_DTYPES:
             raise ModelError(path, f"corrupt: variable {name} has unknown dtype id {dtype_id}")
-        data = r.take(nbytes, f"data of {name}")
+        itemsize = 2 if dtype_id == 5 else _CT2_DTYPES[dtype_id].itemsize
         count = int(np.prod(shape)) if shape else 1
+        if nbytes != itemsize * count:
+            raise ModelError(path, f"corrupt: {name} holds {nbytes} bytes, shape {shape} needs {itemsize * count}")
+        data = r.take(nbytes, f"data of {name}")
+        # The token embedding is also the output projection: store it column-major so that the
+        # projection reads a contiguous [d, n_vocab] matrix without a second copy.
+        order = "F" if name == "decoder/embeddings/weight" else "C"
         if dtype_id == 5:
-            if nbytes != 2 * count:
-                raise ModelError(path, f"corrupt: {name} holds {nbytes} bytes, shape {shape} needs {2 * count}")
-            raw = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
-            array = raw.view(np.float32).reshape(shape)
+            widened = np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16
+            array = widened.view(np.float32).reshape(shape).astype(np.float32, order=order)
         else:
-            dtype = _CT2_DTYPES[dtype_id]
-            if nbytes != dtype.itemsize * count:
-                raise ModelError(
-                    path, f"corrupt: {name} holds {nbytes} bytes, shape {shape} needs {dtype.itemsize * count}"
-                )
-            array = np.frombuffer(data, dtype=dtype).reshape(shape)
-            # Copy out of the mmap: float to float32 (the compute type), integers as they are.
-            array = array.astype(np.float32) if dtype.kind == "f" else array.copy()
+            stored = np.frombuffer(data, dtype=_CT2_DTYPES[dtype_id]).reshape(shape)
+            # Floats become float32 (the compute type); integers stay as they are.
+            array = stored.astype(np.float32 if stored.dtype.kind == "f" else stored.dtype, order=order)
         variables[name] = array
-    if r.pos < len(buf):
-        n_aliases = r.unpack("<I", "alias count")
+    n_aliases = r.unpack("<I", "alias count")  # always present in version 6, even when zero
+    if n_aliases:
         for _ in range(n_aliases):
             alias = r.string("alias name")
             target = r.string("alias target")
             if target not in variables:
                 raise ModelError(path, f"corrupt: alias {alias} points at missing variable {target}")
             variables[alias] = variables[target]
-    # No explicit close: the memoryviews above still export the map; it is unmapped when collected.
     return spec, variables
 
 
 def _ct2_to_canonical(variables: dict[str, np.ndarray], path: Path) -> dict[str, np.ndarray]:
     def get(name: str) -> np.ndarray:
         try:
-            return variables[name]
+            value = variables[name]
         except KeyError:
             raise ModelError(path, f"unsupported: variable {name} missing from a WhisperSpec model") from None
+        if value.dtype.kind in "iu":
+            # Quantised (ct2 --quantization int8/int16): per-row scale beside the weight.
+            scale = variables.get(f"{name}_scale")
+            if scale is None or value.ndim != 2 or scale.shape != (value.shape[0],):
+                raise ModelError(path, f"unsupported: integer variable {name} without a per-row {name}_scale")
+            value = value.astype(np.float32) / scale.astype(np.float32)[:, None]
+        return value
 
     t: dict[str, np.ndarray] = {}
     for conv in ("conv1", "conv2"):
@@ -258,7 +273,7 @@ def _hf_to_canonical(raw: dict[str, np.ndarray], path: Path) -> dict[str, np.nda
         t[f"encoder.{conv}.weight"] = get(f"encoder.{conv}.weight")
         t[f"encoder.{conv}.bias"] = get(f"encoder.{conv}.bias")
     t["encoder.positions"] = get("encoder.embed_positions.weight")
-    t["decoder.embedding"] = get("decoder.embed_tokens.weight")
+    t["decoder.embedding"] = np.asfortranarray(get("decoder.embed_tokens.weight"))  # see _parse_ct2
     t["decoder.positions"] = get("decoder.embed_positions.weight")
     for side in ("encoder", "decoder"):
         t[f"{side}.ln.weight"] = get(f"{side}.layer_norm.weight")

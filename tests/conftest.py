@@ -1,0 +1,37 @@
+"""Shared fixtures: the real bundled model and the real speech corpus."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
+
+
+def corpus_files() -> list[Path]:
+    return sorted(CORPUS.glob("*.wav"))
+
+
+def reference(wav: Path) -> str:
+    return wav.with_suffix(".txt").read_text(encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[Path]:
+    files = corpus_files()
+    if not files:
+        pytest.fail(f"no dev recordings under {CORPUS}: the corpus is part of the test setup")
+    return files
+
+
+@pytest.fixture(scope="session")
+def engine():
+    from npu.engine import Engine
+
+    return Engine.load()
+
+
+@pytest.fixture(scope="session")
+def jfk() -> Path:
+    return CORPUS / "dev_jfk_inaugural_1961.wav"

@@ -1,0 +1,128 @@
+"""Decoding rules and search on the real model: timestamp grammar, suppression, loops, beams."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from npu.decoding import DecodingOptions, _loop_start, _Rules, compression_ratio, decode
+from npu.mel import N_SAMPLES
+from streamd.audio import load_audio
+
+
+@pytest.fixture(scope="module")
+def jfk_window(engine, jfk):
+    audio = load_audio(jfk)
+    mel = engine.backend.log_mel(audio, padding=N_SAMPLES)
+    return engine.encode(mel[:, :3000], num_frames=len(audio) // 160, pad_to_30s=True)
+
+
+def _rules(engine, sample_begin=1, **kw):
+    tok = engine.tokenizer
+    opts = DecodingOptions(**kw)
+    return _Rules(tok, opts, engine.weights.suppress_tokens, sample_begin=sample_begin), tok
+
+
+def test_first_token_must_be_an_early_timestamp(engine):
+    rules, tok = _rules(engine)
+    logits = np.zeros((1, engine.weights.dims.n_vocab))
+    rules.apply(logits, [[tok.sot]], None)
+    allowed = np.flatnonzero(np.isfinite(logits[0]))
+    # <|0.00|> .. <|1.00|>: max_initial_timestamp is 1 s.
+    assert allowed.min() == tok.timestamp_begin
+    assert allowed.max() == tok.timestamp_begin + 50
+
+
+def test_timestamps_come_in_pairs_and_never_decrease(engine):
+    rules, tok = _rules(engine)
+    ts = tok.timestamp_begin
+    word = tok.encode(" hello")[0]
+    logits = np.zeros((3, engine.weights.dims.n_vocab))
+    logits[:, ts:] = -30.0  # text far likelier, so the "timestamps outweigh text" rule stays out of it
+    seqs = [
+        [tok.sot, ts + 10, word],  # open segment: text or a closing timestamp >= 0.20 s
+        [tok.sot, ts + 10, word, ts + 40],  # closing timestamp just came: must be another or eot
+        [tok.sot, ts + 10, word, ts + 40, ts + 40],  # pair closed: text must follow
+    ]
+    rules.apply(logits, seqs, None)
+    row0 = np.isfinite(logits[0])
+    assert row0[word] and not row0[ts + 9] and row0[ts + 11]
+    row1 = np.isfinite(logits[1])
+    assert not row1[word] and row1[tok.eot] and row1[ts + 40] and not row1[ts + 39]
+    row2 = np.isfinite(logits[2])
+    assert row2[word] and not row2[ts + 41]
+
+
+def test_timestamp_is_forced_when_timestamps_outweigh_text(engine):
+    rules, tok = _rules(engine)
+    logits = np.zeros((1, engine.weights.dims.n_vocab))
+    rules.apply(logits, [[tok.sot, tok.timestamp_begin, tok.encode(" hi")[0]]], None)
+    assert np.all(logits[0, : tok.timestamp_begin] == -np.inf)
+
+
+def test_suppressed_and_blank_tokens_are_masked(engine):
+    rules, tok = _rules(engine, sample_begin=2, without_timestamps=True)
+    logits = np.zeros((1, engine.weights.dims.n_vocab))
+    rules.apply(logits, [[tok.sot, tok.no_timestamps]], None)
+    for t in engine.weights.suppress_tokens:
+        assert logits[0, t] == -np.inf
+    assert logits[0, tok.encode(" ")[0]] == -np.inf  # blank at the start
+    assert logits[0, tok.eot] == -np.inf
+    assert np.isfinite(logits[0, tok.encode(" hello")[0]])
+    assert np.all(logits[0, tok.timestamp_begin :] == -np.inf)
+
+
+def test_timestamps_past_the_window_are_impossible(engine):
+    rules, tok = _rules(engine, max_timestamp=2.0)
+    logits = np.zeros((1, engine.weights.dims.n_vocab))
+    rules.apply(logits, [[tok.sot, tok.timestamp_begin, tok.encode(" hi")[0]]], None)
+    assert np.isfinite(logits[0, tok.timestamp_begin + 100])
+    assert logits[0, tok.timestamp_begin + 101] == -np.inf
+
+
+def test_loop_detection_finds_where_the_repeat_starts():
+    ts = 50363
+    a = [10, 11, 12, 13, 14]
+    seq = [1, ts, *a, 10, 11, 12, 13]
+    assert _loop_start(seq, 1, ts) == 7
+    assert _loop_start([1, ts, *a, 99, 98], 1, ts) is None
+    run = list(range(100, 108))
+    assert _loop_start([1, *run, 5, *run], 1, ts) == 10
+
+
+def test_compression_ratio_flags_repetition():
+    assert compression_ratio("the cat sat on the mat") < 1.5
+    assert compression_ratio("ten of clubs " * 30) > 2.4
+    assert compression_ratio("") == 0.0
+
+
+def test_greedy_decodes_jfk_with_timestamps(engine, jfk_window):
+    r = decode(engine.backend, jfk_window.features, engine.tokenizer, DecodingOptions())
+    tok = engine.tokenizer
+    assert r.text.strip().startswith("And so my fellow Americans")
+    assert r.tokens[0] == tok.timestamp_begin
+    assert r.tokens[-1] >= tok.timestamp_begin
+    assert r.no_speech_prob < 0.2
+    assert -1.0 < r.avg_logprob < 0
+
+
+def test_beam_search_is_at_least_as_likely_as_greedy(engine, jfk_window):
+    greedy = decode(engine.backend, jfk_window.features, engine.tokenizer, DecodingOptions())
+    beam = decode(engine.backend, jfk_window.features, engine.tokenizer, DecodingOptions(beam_size=5))
+    assert beam.text.strip().endswith("country.")
+    assert beam.avg_logprob >= greedy.avg_logprob - 1e-6
+
+
+def test_prompt_conditions_the_output(engine, jfk_window):
+    tok = engine.tokenizer
+    prompt = tuple(tok.encode(" ASK NOT WHAT YOUR COUNTRY CAN DO FOR YOU"))
+    plain = decode(engine.backend, jfk_window.features, tok, DecodingOptions(without_timestamps=True))
+    shouted = decode(engine.backend, jfk_window.features, tok, DecodingOptions(without_timestamps=True, prompt=prompt))
+    assert plain.text != shouted.text
+    assert all(t < tok.eot for t in shouted.tokens)
+
+
+def test_silence_has_high_no_speech_probability(engine):
+    window = engine.encode(engine.backend.log_mel(np.zeros(16000 * 3, np.float32), padding=N_SAMPLES)[:, :3000], 300)
+    r, _ = engine.decode(window, DecodingOptions())
+    assert r.no_speech_prob > 0.5
