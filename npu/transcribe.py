@@ -8,15 +8,19 @@ silence). Previous text conditions the next window unless a fallback ran hot.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from .decoding import TIME_PRECISION, DecodingOptions
+from .decoding import TIME_PRECISION, DecodingOptions, DecodingResult
 from .engine import Engine, FallbackPolicy
 from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
 
 __all__ = ["Segment", "TranscribeOptions", "Transcript", "Word", "transcribe"]
+
+UNDECODED_SLACK_S = 3.0
+LONG_SEGMENT_S = 15.0
+SPARSE_TOKENS_PER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -99,7 +103,7 @@ def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: f
                 out.append((offset + start, offset + end, text))
             last = cut
         if single_ending:
-            return out, None
+            return out, _resume_after(tokens[-1] - ts_begin, window_s)
         last_ts = tokens[last - 1] - ts_begin
         return out, round(last_ts * TIME_PRECISION * FRAMES_PER_SECOND)
     stamps = [t - ts_begin for t in tokens if t >= ts_begin]
@@ -109,7 +113,40 @@ def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: f
     text = [t for t in tokens if t < ts_begin]
     if text:
         out.append((offset, offset + end, text))
-    return out, None
+    return out, _resume_after(stamps[-1], window_s) if stamps and text else None
+
+
+def _skipped_speech(result: DecodingResult, ts_begin: int, window_s: float) -> bool:
+    """Beam search sometimes ends a dense window early: a long stretch with few words, often
+    closed by eot straight after the text, so that the rest of the window counts as decoded.
+    True when a stretch longer than ``LONG_SEGMENT_S`` holds fewer than ``SPARSE_TOKENS_PER_S``
+    text tokens per second."""
+    spans: list[tuple[float, float, int]] = []  # (start, end, text tokens)
+    start, count = 0.0, 0
+    for t in result.tokens:
+        if t >= ts_begin:
+            if count:
+                spans.append((start, (t - ts_begin) * TIME_PRECISION, count))
+            start, count = (t - ts_begin) * TIME_PRECISION, 0
+        else:
+            count += 1
+    if count:
+        spans.append((start, window_s, count))
+    return any(end - s > LONG_SEGMENT_S and n < SPARSE_TOKENS_PER_S * (end - s) for s, end, n in spans)
+
+
+def _resume_after(last_timestamp: int, window_s: float) -> int | None:
+    """Where to go on after a window whose text ended at ``last_timestamp``.
+
+    Whisper skips the rest of the window, taking it for silence. When more than
+    ``UNDECODED_SLACK_S`` of it is left, that is more often a decoder that stopped early (beam
+    search favours short endings), so decode from the last timestamp again: if it really is
+    silence, the no-speech check skips it at the cost of one more window.
+    """
+    end_s = last_timestamp * TIME_PRECISION
+    if last_timestamp > 0 and end_s < window_s - UNDECODED_SLACK_S:
+        return round(end_s * FRAMES_PER_SECOND)
+    return None
 
 
 def transcribe(
@@ -141,6 +178,10 @@ def transcribe(
             language=options.language,
         )
         result, window = engine.decode(window, decode_opts, options.fallback)
+        if options.beam_size > 1 and _skipped_speech(result, tok.timestamp_begin, size / FRAMES_PER_SECOND):
+            greedy, _ = engine.decode(window, replace(decode_opts, beam_size=1), options.fallback)
+            if len(greedy.text.split()) > len(result.text.split()):
+                result = greedy
         if options.fallback.is_silence(result):
             seek += size
             if progress:
@@ -164,6 +205,12 @@ def transcribe(
         ]
         if options.word_timestamps and new_segments:
             _add_words(engine, window, new_segments, offset)
+            last_word_end = max((w.end for seg in new_segments for w in seg.words), default=None)
+            window_end_s = size / FRAMES_PER_SECOND
+            if next_seek is None and last_word_end is not None:
+                # A final timestamp far past the last word: the decoder skipped speech (seen with
+                # beam search on dense reading). Go on from the last word instead.
+                next_seek = _resume_after(round((last_word_end - offset) / TIME_PRECISION), window_end_s)
         segments += new_segments
         seek += next_seek if next_seek else size
         all_tokens += [t for s in new_segments for t in s.tokens]

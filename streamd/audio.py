@@ -15,6 +15,12 @@ class AudioError(Exception):
     """An audio file is missing or cannot be decoded; ``str()`` is one line naming the file."""
 
 
+def _name(path: Path) -> str:
+    """The path on one line: control characters in a file name are shown escaped."""
+    text = str(path)
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
 def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     """Average channels (``[frames, channels]``) and resample to 16 kHz with soxr (high quality)."""
     x = np.asarray(samples, dtype=np.float32)
@@ -33,14 +39,14 @@ def load_audio(path: str | Path) -> np.ndarray:
 
     path = Path(path)
     if not path.exists():
-        raise AudioError(f"{path}: no such file")
+        raise AudioError(f"{_name(path)}: no such file")
     if path.is_dir():
-        raise AudioError(f"{path}: is a directory, not an audio file")
+        raise AudioError(f"{_name(path)}: is a directory, not an audio file")
     try:
         samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise AudioError(f"{path}: cannot decode audio ({reason})") from None
+        raise AudioError(f"{_name(path)}: cannot decode audio ({reason})") from None
     except OSError as e:
-        raise AudioError(f"{path}: {e.strerror or e}") from None
+        raise AudioError(f"{_name(path)}: {e.strerror or e}") from None
     return to_mono_16k(samples, rate)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,8 +126,16 @@ def _load_engine(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
-    if args.command == "transcribe":
-        return _transcribe(args)
+    try:
+        if args.command == "transcribe":
+            return _transcribe(args)
+    except BrokenPipeError:
+        # The reader went away (`streamd transcribe ... | head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        return 130
     raise AssertionError(args.command)
 
 

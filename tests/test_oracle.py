@@ -35,7 +35,9 @@ def test_encoder_output_agrees(engine, ct2_model, padded_windows):
     worst = 0.0
     for _, mel, _ in padded_windows[:6]:
         ours = engine.backend.encode(mel).x
-        theirs = np.array(ct2_model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None])), to_cpu=True))[0]
+        theirs = np.array(
+            ct2_model.encode(ctranslate2.StorageView.from_array(np.ascontiguousarray(mel[None])), to_cpu=True)
+        )[0]
         rel = np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)
         worst = max(worst, rel)
     assert worst <= 1e-2, worst

@@ -77,6 +77,7 @@ def test_word_times_agree_with_faster_whisper(engine, jfk, jfk_transcript):
     faster_whisper = pytest.importorskip("faster_whisper")
     model = faster_whisper.WhisperModel(str(engine.weights.path), device="cpu", compute_type="float32", cpu_threads=2)
     segments, _ = model.transcribe(str(jfk), beam_size=1, word_timestamps=True, language="en")
+
     def bare(word: str) -> str:
         return word.strip().strip(string.punctuation).lower()
 

@@ -1,0 +1,137 @@
+"""Offline benchmark: WER and speed of `streamd transcribe` and faster-whisper on the dev corpus.
+
+Each system runs as its own process over every file, so the wall time includes start-up and
+model loading, as a user would see it; peak memory is the child's maximum resident set.
+
+    python benchmarks/offline.py                     # streamd beam 1 and 5, padded variant, faster-whisper
+    python benchmarks/offline.py --only streamd --beams 1
+
+faster-whisper runs when it is installed (it is in the dev extra), int8 on 2 threads, with the
+same bundled tiny.en weights. Scoring: Whisper's English normaliser on both sides, then jiwer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "corpus" / "dev"
+
+FASTER_WHISPER = r"""
+import json, sys
+from faster_whisper import WhisperModel
+from npu.weights import default_model_path
+beam = int(sys.argv[1])
+model = WhisperModel(str(default_model_path()), device="cpu", compute_type="int8", cpu_threads=2)
+for f in sys.argv[2:]:
+    segments, info = model.transcribe(f, beam_size=beam, language="en")
+    text = "".join(s.text for s in segments).strip()
+    print(json.dumps({"file": f, "text": text, "audio_s": info.duration}), flush=True)
+"""
+
+
+@dataclass
+class Run:
+    system: str
+    beam: int
+    wer: float
+    wall_s: float
+    audio_s: float
+    peak_mb: float
+
+    @property
+    def x_realtime(self) -> float:
+        return self.audio_s / self.wall_s
+
+
+def _run(cmd: list[str]) -> tuple[list[dict], float, float]:
+    """Run ``cmd``; return its JSON lines, wall seconds and peak resident MB."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, cwd=ROOT, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed with status {status}")
+    return [json.loads(line) for line in out.splitlines() if line.strip()], wall, usage.ru_maxrss / 1024
+
+
+def _score(results: list[dict]) -> tuple[float, float]:
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    refs = [norm(Path(r["file"]).with_suffix(".txt").read_text(encoding="utf-8")) for r in results]
+    hyps = [norm(r["text"]) for r in results]
+    return jiwer.wer(refs, hyps), sum(r["audio_s"] for r in results)
+
+
+def run_streamd(files: list[str], beam: int, extra: list[str]) -> Run:
+    cmd = [sys.executable, "-m", "streamd", "transcribe", "--format", "jsonl", "--beam-size", str(beam), *extra, *files]
+    results, wall, peak = _run(cmd)
+    wer, audio = _score(results)
+    name = "streamd" + (" " + " ".join(extra) if extra else "")
+    return Run(name, beam, wer, wall, audio, peak)
+
+
+def run_faster_whisper(files: list[str], beam: int) -> Run:
+    results, wall, peak = _run([sys.executable, "-c", FASTER_WHISPER, str(beam), *files])
+    wer, audio = _score(results)
+    return Run("faster-whisper int8", beam, wer, wall, audio, peak)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--beams", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--only", choices=["streamd", "faster-whisper"], help="run one system")
+    p.add_argument("--no-variants", action="store_true", help="skip the --pad-to-30s and --no-word-timestamps rows")
+    args = p.parse_args()
+    files = [str(f) for f in sorted(CORPUS.glob("*.wav"))]
+    if not files:
+        raise SystemExit(f"no recordings under {CORPUS}")
+    try:
+        import faster_whisper  # noqa: F401
+
+        have_fw = True
+    except ImportError:
+        have_fw = False
+
+    runs: list[Run] = []
+
+    def record(run: Run) -> None:
+        runs.append(run)
+        print(f"  done: {run.system} beam {run.beam}: {run.wall_s:.1f} s", file=sys.stderr)
+
+    for beam in args.beams:
+        if args.only != "faster-whisper":
+            record(run_streamd(files, beam, []))
+            if not args.no_variants and beam == 1:
+                record(run_streamd(files, beam, ["--pad-to-30s"]))
+                record(run_streamd(files, beam, ["--no-word-timestamps"]))
+        if args.only != "streamd" and have_fw:
+            record(run_faster_whisper(files, beam))
+
+    base = {r.beam: r for r in runs if r.system.startswith("faster-whisper")}
+    print(f"# dev corpus: {len(files)} files, {runs[0].audio_s:.1f} s of speech")
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
+    print()
+    print("| system | beam | WER % | wall s | x realtime | speed vs faster-whisper (same beam) | peak MB |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        ref = base.get(r.beam)
+        ratio = f"{ref.wall_s / r.wall_s:.2f}x" if ref else "-"
+        row = [r.system, r.beam, f"{100 * r.wer:.2f}", f"{r.wall_s:.1f}", f"{r.x_realtime:.1f}", ratio]
+        print("| " + " | ".join(str(c) for c in [*row, f"{r.peak_mb:.0f}"]) + " |")
+
+
+if __name__ == "__main__":
+    main()
