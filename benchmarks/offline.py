@@ -122,7 +122,8 @@ def main() -> None:
     base = {r.beam: r for r in runs if r.system.startswith("faster-whisper")}
     print(f"# dev corpus: {len(files)} files, {runs[0].audio_s:.1f} s of speech")
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# {stamp}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
     print()
     print("| system | beam | WER % | wall s | x realtime | speed vs faster-whisper (same beam) | peak MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")

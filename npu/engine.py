@@ -85,6 +85,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.tail_frames = UNPADDED_TAIL_FRAMES
         self.min_window_frames = MIN_UNPADDED_FRAMES
+        self.retry_padded = True  # re-run failed unpadded windows padded (off only to measure)
         self.padded_retries = 0  # unpadded windows that had to be re-run padded (a health figure)
 
     @classmethod
@@ -134,7 +135,7 @@ class Engine:
         re-encoded padded to 30 s and decoded again, before any temperature is raised: padding is
         the regime Whisper was trained in. Returns the result and the window it came from.
         """
-        if not window.padded:
+        if not window.padded and self.retry_padded:
             first = self._decode_at(window, replace(options, loop_guard=True, max_timestamp=window.duration), 0.0)
             if not first.looped and not self._fails(first, fallback):
                 return first, window

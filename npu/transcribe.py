@@ -154,72 +154,86 @@ def transcribe(
     audio: np.ndarray,
     options: TranscribeOptions = TranscribeOptions(),
     progress: Callable[[float, float], None] | None = None,
+    spans: list[tuple[float, float]] | None = None,
 ) -> Transcript:
-    """Transcribe 16 kHz mono float32 ``audio``; ``progress(done_s, total_s)`` is called per window."""
-    tok = engine.tokenizer
-    mel = engine.backend.log_mel(audio, padding=N_SAMPLES)
-    content_frames = max(0, mel.shape[-1] - N_FRAMES)
-    duration = len(audio) / SAMPLE_RATE
-    all_tokens: list[int] = []
-    prompt_reset = 0
-    if options.initial_prompt:
-        all_tokens = tok.encode(" " + options.initial_prompt.strip())
-    segments: list[Segment] = []
-    seek = 0
-    while seek < content_frames:
-        size = min(N_FRAMES, content_frames - seek)
-        offset = seek * HOP_LENGTH / SAMPLE_RATE
-        window = engine.encode(mel[:, seek : seek + N_FRAMES], num_frames=size, pad_to_30s=options.pad_to_30s)
-        decode_opts = DecodingOptions(
-            beam_size=options.beam_size,
-            patience=options.patience,
-            best_of=options.best_of,
-            prompt=tuple(all_tokens[prompt_reset:]) if options.condition_on_previous_text else (),
-            language=options.language,
-        )
-        result, window = engine.decode(window, decode_opts, options.fallback)
-        if options.beam_size > 1 and _skipped_speech(result, tok.timestamp_begin, size / FRAMES_PER_SECOND):
-            greedy, _ = engine.decode(window, replace(decode_opts, beam_size=1), options.fallback)
-            if len(greedy.text.split()) > len(result.text.split()):
-                result = greedy
-        if options.fallback.is_silence(result):
-            seek += size
-            if progress:
-                progress(min(duration, seek / FRAMES_PER_SECOND), duration)
-            continue
+    """Transcribe 16 kHz mono float32 ``audio``; ``progress(done_s, total_s)`` is called per window.
 
-        pieces, next_seek = _split_segments(result.tokens, tok.timestamp_begin, offset, size / FRAMES_PER_SECOND)
-        new_segments = [
-            Segment(
-                start=start,
-                end=end,
-                text=tok.decode(text),
-                tokens=text,
-                avg_logprob=result.avg_logprob,
-                no_speech_prob=result.no_speech_prob,
-                compression_ratio=result.compression_ratio,
-                temperature=result.temperature,
+    ``spans`` (seconds) restricts decoding to those stretches, e.g. the speech a VAD found, each
+    decoded on its own (the text still conditions the next); ``None`` decodes everything.
+    """
+    duration = len(audio) / SAMPLE_RATE
+    run = _Run(engine, options, duration, progress)
+    for start_s, end_s in spans if spans is not None else [(0.0, duration)]:
+        first, last = round(start_s * SAMPLE_RATE), round(end_s * SAMPLE_RATE)
+        run.span(audio[first:last], first / SAMPLE_RATE)
+    text = "".join(s.text for s in run.segments).strip()
+    return Transcript(text=text, segments=run.segments, duration=duration)
+
+
+class _Run:
+    """State carried across windows: segments so far and the text that conditions the next."""
+
+    def __init__(self, engine: Engine, options: TranscribeOptions, duration: float, progress) -> None:
+        self.engine = engine
+        self.options = options
+        self.duration = duration
+        self.progress = progress
+        self.segments: list[Segment] = []
+        self.all_tokens: list[int] = []
+        self.prompt_reset = 0
+        if options.initial_prompt:
+            self.all_tokens = engine.tokenizer.encode(" " + options.initial_prompt.strip())
+
+    def span(self, audio: np.ndarray, base: float) -> None:
+        """Decode ``audio`` (which starts ``base`` seconds into the recording), seeking on
+        timestamps through windows of up to 30 s."""
+        engine, options, tok = self.engine, self.options, self.engine.tokenizer
+        mel = engine.backend.log_mel(audio, padding=N_SAMPLES)
+        content_frames = max(0, mel.shape[-1] - N_FRAMES)
+        seek = 0
+        while seek < content_frames:
+            size = min(N_FRAMES, content_frames - seek)
+            window_s = size / FRAMES_PER_SECOND
+            offset = base + seek * HOP_LENGTH / SAMPLE_RATE
+            window = engine.encode(mel[:, seek : seek + N_FRAMES], num_frames=size, pad_to_30s=options.pad_to_30s)
+            decode_opts = DecodingOptions(
+                beam_size=options.beam_size,
+                patience=options.patience,
+                best_of=options.best_of,
+                prompt=tuple(self.all_tokens[self.prompt_reset :]) if options.condition_on_previous_text else (),
+                language=options.language,
             )
-            for start, end, text in pieces
-            if tok.decode(text).strip()
-        ]
-        if options.word_timestamps and new_segments:
-            _add_words(engine, window, new_segments, offset)
-            last_word_end = max((w.end for seg in new_segments for w in seg.words), default=None)
-            window_end_s = size / FRAMES_PER_SECOND
-            if next_seek is None and last_word_end is not None:
-                # A final timestamp far past the last word: the decoder skipped speech (seen with
-                # beam search on dense reading). Go on from the last word instead.
-                next_seek = _resume_after(round((last_word_end - offset) / TIME_PRECISION), window_end_s)
-        segments += new_segments
-        seek += next_seek if next_seek else size
-        all_tokens += [t for s in new_segments for t in s.tokens]
-        if not options.condition_on_previous_text or result.temperature > 0.5:
-            prompt_reset = len(all_tokens)
-        if progress:
-            progress(min(duration, seek / FRAMES_PER_SECOND), duration)
-    text = "".join(s.text for s in segments).strip()
-    return Transcript(text=text, segments=segments, duration=duration)
+            result, window = engine.decode(window, decode_opts, options.fallback)
+            if options.beam_size > 1 and _skipped_speech(result, tok.timestamp_begin, window_s):
+                greedy, _ = engine.decode(window, replace(decode_opts, beam_size=1), options.fallback)
+                if len(greedy.text.split()) > len(result.text.split()):
+                    result = greedy
+            next_seek = None
+            if not options.fallback.is_silence(result):
+                pieces, next_seek = _split_segments(result.tokens, tok.timestamp_begin, offset, window_s)
+                new_segments = [
+                    Segment(
+                        start=start,
+                        end=end,
+                        text=tok.decode(text),
+                        tokens=text,
+                        avg_logprob=result.avg_logprob,
+                        no_speech_prob=result.no_speech_prob,
+                        compression_ratio=result.compression_ratio,
+                        temperature=result.temperature,
+                    )
+                    for start, end, text in pieces
+                    if tok.decode(text).strip()
+                ]
+                if options.word_timestamps and new_segments:
+                    _add_words(engine, window, new_segments, offset)
+                self.segments += new_segments
+                self.all_tokens += [t for seg in new_segments for t in seg.tokens]
+                if not options.condition_on_previous_text or result.temperature > 0.5:
+                    self.prompt_reset = len(self.all_tokens)
+            seek += next_seek if next_seek else size
+            if self.progress:
+                self.progress(min(self.duration, base + seek / FRAMES_PER_SECOND), self.duration)
 
 
 def _add_words(engine: Engine, window, segments: list[Segment], offset: float) -> None:

@@ -29,6 +29,7 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-word-timestamps", action="store_true", help="skip word alignment (faster)")
     t.add_argument("--no-fallback", action="store_true", help="no temperature fallback on looping or unlikely text")
     t.add_argument("--pad-to-30s", action="store_true", help="encode every window padded to 30 s, as Whisper does")
+    t.add_argument("--vad", action="store_true", help="decode only the speech webrtcvad finds (skips long silences)")
     t.add_argument("--prompt", metavar="TEXT", help="initial prompt: names, spelling, style to condition on")
     t.add_argument("--no-condition", action="store_true", help="do not feed each window the previous text")
     _add_model_args(t)
@@ -96,8 +97,13 @@ def _transcribe(args: argparse.Namespace) -> int:
             continue
         started = time.perf_counter()
         progress = _Progress(Path(name).name)
+        spans = None
+        if args.vad:
+            from .vad import plan_windows, speech_regions
+
+            spans = plan_windows(speech_regions(audio))
         try:
-            result = transcribe(engine, audio, options, progress=progress)
+            result = transcribe(engine, audio, options, progress=progress, spans=spans)
         finally:
             progress.close()
         text = render(result, args.format, name, time.perf_counter() - started)
