@@ -64,6 +64,6 @@ class Backend(ABC):
         """A fresh decoder session over ``features`` with ``batch_size`` rows."""
 
     @abstractmethod
-    def alignment(self, features: object, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Word-timing inputs for one token sequence ``[n]``: the raw cross-attention scores of the
-        model's alignment heads ``[n_heads, n, T_audio]`` and the logits ``[n, n_vocab]``."""
+    def alignment(self, features: object, tokens: np.ndarray) -> np.ndarray:
+        """Word-timing input for one token sequence ``[n]``: the raw (pre-softmax) cross-attention
+        scores of the model's alignment heads, ``[n_heads, n, T_audio]``."""

@@ -168,8 +168,10 @@ class Engine:
             self.weights.suppress_tokens_begin,
         )
 
-    def word_timings(self, window: EncodedWindow, text_tokens: list[int]) -> list[WordTiming]:
-        """Words of ``text_tokens`` (timestamp tokens are ignored) with times relative to the window."""
-        text = [t for t in text_tokens if t < self.tokenizer.eot]
-        words = find_alignment(self.backend, window.features, self.tokenizer, text, window.num_frames)
+    def word_timings(self, window: EncodedWindow, text_tokens: list[int], token_probs: list[float]) -> list[WordTiming]:
+        """Words of ``text_tokens`` with times relative to the window; a word's probability is
+        the mean of its tokens' ``token_probs`` (the decoder's, as it chose them)."""
+        words = find_alignment(
+            self.backend, window.features, self.tokenizer, text_tokens, token_probs, window.num_frames
+        )
         return merge_punctuations(words)

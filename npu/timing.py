@@ -104,25 +104,24 @@ def find_alignment(
     features: object,
     tok: WhisperTokenizer,
     text_tokens: list[int],
+    token_probs: list[float],
     num_frames: int,
     medfilt_width: int = 7,
 ) -> list[WordTiming]:
     """Word timings, relative to the window start, of ``text_tokens`` decoded from ``features``.
 
+    ``token_probs`` are the tokens' probabilities (a word's is the mean of its tokens');
     ``num_frames`` is the number of mel frames of real audio in the window (padding excluded).
     """
     if not text_tokens:
         return []
+    if len(token_probs) != len(text_tokens):
+        raise ValueError(f"{len(token_probs)} probabilities for {len(text_tokens)} tokens")
     sot_seq = [*tok.sot_sequence(), tok.no_timestamps]
     tokens = np.array([*sot_seq, *text_tokens, tok.eot], dtype=np.int64)
-    qk, logits = backend.alignment(features, tokens)
+    qk = backend.alignment(features, tokens)
     n_audio = max(1, min(num_frames // 2, qk.shape[-1]))
-
-    # The logits at position p predict token p + 1: start at <|notimestamps|>.
-    text_logits = logits[len(sot_seq) - 1 : len(sot_seq) - 1 + len(text_tokens), : tok.eot]
-    peak = text_logits.max(-1)
-    log_norm = np.log(np.exp(text_logits - peak[:, None]).sum(-1)) + peak
-    token_probs = np.exp(text_logits[np.arange(len(text_tokens)), text_tokens] - log_norm)
+    token_probs = np.asarray(token_probs)
 
     weights = qk[:, :, :n_audio].astype(np.float32)
     weights -= weights.max(-1, keepdims=True)

@@ -54,6 +54,7 @@ class Segment:
     no_speech_prob: float
     compression_ratio: float
     temperature: float
+    token_probs: list[float] = field(default_factory=list)
     words: list[Word] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -82,7 +83,7 @@ class Transcript:
 
 
 def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: float) -> tuple[list, int | None]:
-    """Cut a window's tokens into (start, end, text tokens) triples.
+    """Cut a window's tokens into (start, end, positions of its text tokens) triples.
 
     Returns the triples and the frame (relative to the window) where the next window should start,
     or ``None`` to continue right after this window.
@@ -98,7 +99,7 @@ def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: f
             piece = tokens[last:cut]
             start = (piece[0] - ts_begin) * TIME_PRECISION
             end = (piece[-1] - ts_begin) * TIME_PRECISION
-            text = [t for t in piece if t < ts_begin]
+            text = [i for i in range(last, cut) if tokens[i] < ts_begin]
             if text:
                 out.append((offset + start, offset + end, text))
             last = cut
@@ -110,7 +111,7 @@ def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: f
     end = window_s
     if stamps and stamps[-1] > 0:
         end = stamps[-1] * TIME_PRECISION
-    text = [t for t in tokens if t < ts_begin]
+    text = [i for i, t in enumerate(tokens) if t < ts_begin]
     if text:
         out.append((offset, offset + end, text))
     return out, _resume_after(stamps[-1], window_s) if stamps and text else None
@@ -211,20 +212,24 @@ class _Run:
             next_seek = None
             if not options.fallback.is_silence(result):
                 pieces, next_seek = _split_segments(result.tokens, tok.timestamp_begin, offset, window_s)
+                # The decoder's own probability of each token (the loop guard's closing timestamp
+                # has none; it is not text).
+                probs = np.exp(result.token_logprobs[: len(result.tokens)])
                 new_segments = [
                     Segment(
                         start=start,
                         end=end,
-                        text=tok.decode(text),
-                        tokens=text,
+                        text=tok.decode([result.tokens[i] for i in positions]),
+                        tokens=[result.tokens[i] for i in positions],
+                        token_probs=[float(probs[i]) for i in positions],
                         avg_logprob=result.avg_logprob,
                         no_speech_prob=result.no_speech_prob,
                         compression_ratio=result.compression_ratio,
                         temperature=result.temperature,
                     )
-                    for start, end, text in pieces
-                    if tok.decode(text).strip()
+                    for start, end, positions in pieces
                 ]
+                new_segments = [seg for seg in new_segments if seg.text.strip()]
                 if options.word_timestamps and new_segments:
                     _add_words(engine, window, new_segments, offset)
                 self.segments += new_segments
@@ -240,7 +245,8 @@ def _add_words(engine: Engine, window, segments: list[Segment], offset: float) -
     """Time every word of a window's segments in one alignment pass, then hand words back to
     their segments by token count."""
     tokens = [t for s in segments for t in s.tokens]
-    timings = engine.word_timings(window, tokens)
+    probs = [p for s in segments for p in s.token_probs]
+    timings = engine.word_timings(window, tokens, probs)
     i = 0
     for seg in segments:
         count = 0

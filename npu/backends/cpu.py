@@ -69,10 +69,10 @@ class CpuBackend(Backend):
         state = self.decoder_model.start(features.x, batch_size, self._cross(features))
         return _CpuSession(self.decoder_model, state)
 
-    def alignment(self, features: object, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def alignment(self, features: object, tokens: np.ndarray) -> np.ndarray:
         assert isinstance(features, CpuFeatures)
         state = self.decoder_model.start(features.x, 1, self._cross(features))
-        hidden, qk = self.decoder_model.forward(
+        _, qk = self.decoder_model.forward(
             state, np.asarray(tokens, dtype=np.int64)[None], cross_qk_heads=self.weights.alignment_heads
         )
-        return np.stack([s[0] for s in qk]), self.decoder_model.logits(hidden[0])
+        return np.stack([s[0] for s in qk])
