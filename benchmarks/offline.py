@@ -19,6 +19,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,7 @@ def run_faster_whisper(files: list[str], beam: int) -> Run:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--beams", type=int, nargs="+", default=[1, 5])
+    p.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is shown")
     p.add_argument("--only", choices=["streamd", "faster-whisper"], help="run one system")
     p.add_argument("--no-variants", action="store_true", help="skip the --pad-to-30s and --no-word-timestamps rows")
     args = p.parse_args()
@@ -104,20 +106,24 @@ def main() -> None:
     except ImportError:
         have_fw = False
 
-    runs: list[Run] = []
-
-    def record(run: Run) -> None:
-        runs.append(run)
-        print(f"  done: {run.system} beam {run.beam}: {run.wall_s:.1f} s", file=sys.stderr)
-
+    # Each configuration runs --repeat times, interleaved with the others so that a slow spell
+    # of a shared machine hits every system alike; the table shows the median wall time.
+    configs: list[tuple[int, Callable[[], Run]]] = []
     for beam in args.beams:
         if args.only != "faster-whisper":
-            record(run_streamd(files, beam, []))
+            configs.append((beam, lambda b=beam: run_streamd(files, b, [])))
             if not args.no_variants and beam == 1:
-                record(run_streamd(files, beam, ["--pad-to-30s"]))
-                record(run_streamd(files, beam, ["--no-word-timestamps"]))
+                configs.append((beam, lambda b=beam: run_streamd(files, b, ["--pad-to-30s"])))
+                configs.append((beam, lambda b=beam: run_streamd(files, b, ["--no-word-timestamps"])))
         if args.only != "streamd" and have_fw:
-            record(run_faster_whisper(files, beam))
+            configs.append((beam, lambda b=beam: run_faster_whisper(files, b)))
+    trials: list[list[Run]] = [[] for _ in configs]
+    for i in range(args.repeat):
+        for trial, (_, make) in zip(trials, configs, strict=True):
+            run = make()
+            trial.append(run)
+            print(f"  [{i + 1}/{args.repeat}] {run.system} beam {run.beam}: {run.wall_s:.1f} s", file=sys.stderr)
+    runs = [sorted(trial, key=lambda r: r.wall_s)[len(trial) // 2] for trial in trials]
 
     base = {r.beam: r for r in runs if r.system.startswith("faster-whisper")}
     print(f"# dev corpus: {len(files)} files, {runs[0].audio_s:.1f} s of speech")
@@ -125,6 +131,7 @@ def main() -> None:
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# {stamp}; OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', 'unset')}")
     print()
+    print(f"# median of {args.repeat} runs per row")
     print("| system | beam | WER % | wall s | x realtime | speed vs faster-whisper (same beam) | peak MB |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in runs:
