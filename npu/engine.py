@@ -15,7 +15,7 @@ import numpy as np
 from .backend import Backend
 from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, decode
-from .mel import HOP_LENGTH, N_FRAMES, N_SAMPLES
+from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
 from .timing import WordTiming, find_alignment, merge_punctuations
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
@@ -73,7 +73,7 @@ class EncodedWindow:
 
     @property
     def duration(self) -> float:
-        return self.num_frames * HOP_LENGTH / 16000
+        return self.num_frames * HOP_LENGTH / SAMPLE_RATE
 
 
 class Engine:
@@ -112,8 +112,8 @@ class Engine:
         """
         num_frames = min(mel.shape[-1] if num_frames is None else num_frames, N_FRAMES)
         if mel.shape[-1] < N_FRAMES:
-            silence = self.backend.log_mel(np.zeros(0, np.float32), padding=N_SAMPLES)[:, :1].min()
-            fill = min(float(mel.min()), float(silence)) if mel.size else float(silence)
+            # Silence is the log-mel floor: the window's minimum, or that of digital silence.
+            fill = float(mel.min()) if mel.size else SILENT_LOG_MEL
             mel = np.pad(mel, ((0, 0), (0, N_FRAMES - mel.shape[-1])), constant_values=fill)
         mel = mel[:, :N_FRAMES]
         if pad_to_30s:
@@ -131,9 +131,10 @@ class Engine:
     ) -> tuple[DecodingResult, EncodedWindow]:
         """Decode a window, retrying at higher temperatures while ``fallback`` says so.
 
-        An unpadded window whose result loops or fails ``fallback``'s checks at temperature 0 is
-        re-encoded padded to 30 s and decoded again, before any temperature is raised: padding is
-        the regime Whisper was trained in. Returns the result and the window it came from.
+        An unpadded window whose result loops or fails the quality checks at temperature 0
+        (``fallback``'s, or the defaults when fallback is off) is re-encoded padded to 30 s and
+        decoded again, before any temperature is raised: padding is the regime Whisper was
+        trained in. Returns the result and the window it came from.
         """
         if not window.padded and self.retry_padded:
             first = self._decode_at(window, replace(options, loop_guard=True, max_timestamp=window.duration), 0.0)

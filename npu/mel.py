@@ -20,6 +20,7 @@ CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples in a full window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames in a full window
 FRAMES_PER_SECOND = SAMPLE_RATE // HOP_LENGTH  # 100
+SILENT_LOG_MEL = -1.5  # log_mel of digital silence: (log10(1e-10) + 4) / 4
 
 
 def _hz_to_mel(f: np.ndarray) -> np.ndarray:
