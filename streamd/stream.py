@@ -1,0 +1,235 @@
+"""One live stream's state, sans I/O: audio in, decode jobs out, hypotheses in, captions out.
+
+The asyncio server is a shell around this: it feeds audio, runs the jobs this object asks for
+on the shared engine (off the event loop), hands the results back, and sends the events.
+
+    stream = Stream()
+    events = stream.feed(samples)          # VAD changes
+    job = stream.next_job()                # a window worth decoding now, or None
+    events += stream.on_result(job, words) # partials and finals
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .policy import LocalAgreement, TimedWord
+from .vad import VadConfig, VadGate
+
+__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange", "run_job"]
+
+SAMPLE_RATE = 16000
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    update_s: float = 1.0  # new speech needed before the window is decoded again
+    first_window_s: float = 1.0  # speech needed before the first decode of a region
+    trim_s: float = 15.0  # past this, the window drops audio before its last committed word
+    max_window_s: float = 25.0  # past this, old words are committed without agreement
+    force_commit_lag_s: float = 5.0  # ... those ending this long before the window's end
+    prompt_chars: int = 200  # committed text that left the window, fed back as the prompt
+    vad: VadConfig = field(default_factory=VadConfig)
+
+
+@dataclass
+class Job:
+    """Decode ``audio`` (which starts ``offset`` seconds into the stream)."""
+
+    audio: np.ndarray
+    offset: float
+    prompt: str
+    final: bool  # the speech ended: everything decoded is final
+
+
+@dataclass
+class Partial:
+    segment: int
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Final:
+    segment: int
+    start: float
+    end: float
+    text: str
+    words: list[TimedWord]
+
+
+@dataclass
+class VadChange:
+    speech: bool
+    t: float
+
+
+Event = Partial | Final | VadChange
+
+
+class Stream:
+    """The window keeps the audio of the current utterance, committed words included, so that
+    every decode sees their context; words the policy already committed are recognised in each
+    new hypothesis by time (and by text, for timing jitter) and left out of it."""
+
+    def __init__(self, config: StreamConfig | None = None) -> None:
+        self.config = config or StreamConfig()
+        self._vad = VadGate(self.config.vad)
+        self._policy = LocalAgreement()
+        self._buffer = np.zeros(0, np.float32)
+        self._buffer_start = 0.0  # stream time of _buffer[0]
+        self._received = 0  # samples fed in all
+        self._decoded_until = 0.0  # stream time covered by the last job
+        self._region_start: float | None = None
+        self._speech_end: float | None = None  # a closed region still to be finalised
+        self._busy = False
+        self._segment = 0
+        self._committed: list[TimedWord] = []  # committed words still inside the window
+        self._committed_until = 0.0
+        self._prompt_text = ""  # committed text that has left the window
+
+    @property
+    def time(self) -> float:
+        return self._received / SAMPLE_RATE
+
+    @property
+    def busy(self) -> bool:
+        return self._busy
+
+    def feed(self, samples: np.ndarray) -> list[Event]:
+        """Take 16 kHz mono float32 audio; returns VAD changes."""
+        samples = np.asarray(samples, dtype=np.float32)
+        self._buffer = np.concatenate([self._buffer, samples])
+        self._received += len(samples)
+        events: list[Event] = []
+        for region in self._vad.feed(samples):
+            if region.end is None:
+                self._region_start = region.start
+                self._trim_to(max(self._buffer_start, region.start))
+                events.append(VadChange(True, region.start))
+            else:
+                self._speech_end = region.end
+                events.append(VadChange(False, region.end))
+        if not self._vad.in_speech and self._speech_end is None:
+            # Silence: keep only what a future region's pre-roll may reach back to.
+            self._trim_to(max(self._buffer_start, self.time - self.config.vad.pre_roll_s - 0.1))
+        return events
+
+    def finish(self) -> list[Event]:
+        """The client stopped: treat what is left as the end of speech."""
+        region = self._vad.flush()
+        if region is not None:
+            self._speech_end = region.end
+            return [VadChange(False, region.end or self.time)]
+        return []
+
+    def next_job(self) -> Job | None:
+        """A window to decode now, or ``None`` (nothing new, or a job is still running)."""
+        if self._busy:
+            return None
+        if self._speech_end is not None:
+            end = self._speech_end
+            if end <= max(self._buffer_start, self._committed_until):
+                self._end_utterance(end)
+                return None
+            audio = self._buffer[: max(0, round((end - self._buffer_start) * SAMPLE_RATE))]
+            return self._start(Job(audio, self._buffer_start, self._prompt(), final=True))
+        if not self._vad.in_speech or self._region_start is None:
+            return None
+        if self.time - self._region_start < self.config.first_window_s:
+            return None
+        if self.time - self._decoded_until < self.config.update_s:
+            return None
+        return self._start(Job(self._buffer.copy(), self._buffer_start, self._prompt(), final=False))
+
+    def on_result(self, job: Job, words: list[TimedWord]) -> list[Event]:
+        """Take the words decoded for ``job`` (stream times); returns partials and finals."""
+        self._busy = False
+        events: list[Event] = []
+        fresh = self._uncommitted(words)
+        window_end = job.offset + len(job.audio) / SAMPLE_RATE
+        if job.final:
+            self._commit(self._policy.flush(fresh), events)
+            self._end_utterance(window_end)
+            return events
+        committed, partial = self._policy.update(fresh)
+        if not committed and window_end - job.offset > self.config.max_window_s:
+            # No agreement for too long: commit what is well behind the window's end.
+            horizon = window_end - self.config.force_commit_lag_s
+            cut = next((i for i, w in enumerate(fresh) if w.end > horizon), len(fresh))
+            committed, partial = fresh[:cut], fresh[cut:]
+            self._policy.reset()
+        self._commit(committed, events)
+        if partial:
+            text = "".join(w.word for w in partial).strip()
+            if text:
+                events.append(Partial(self._segment, partial[0].start, partial[-1].end, text))
+        if window_end - self._buffer_start > self.config.trim_s and self._committed:
+            self._trim_to(self._committed_until)
+        return events
+
+    # -----------------------------------------------------------------------------------------
+
+    def _uncommitted(self, words: list[TimedWord]) -> list[TimedWord]:
+        """The words of a hypothesis after what is already committed."""
+        fresh = [w for w in words if w.start >= self._committed_until - 0.1]
+        # Timing jitter can bring back the last committed words: drop a repeated n-gram.
+        tail = [w.key for w in self._committed[-5:]]
+        for n in range(min(len(tail), len(fresh)), 0, -1):
+            if [w.key for w in fresh[:n]] == tail[-n:]:
+                return fresh[n:]
+        return fresh
+
+    def _commit(self, words: list[TimedWord], events: list[Event]) -> None:
+        text = "".join(w.word for w in words).strip()
+        if not text:
+            return
+        events.append(Final(self._segment, words[0].start, words[-1].end, text, list(words)))
+        self._committed += words
+        self._committed_until = max(self._committed_until, words[-1].end)
+        self._segment += 1
+
+    def _end_utterance(self, end: float) -> None:
+        self._speech_end = None
+        self._region_start = None if not self._vad.in_speech else self._region_start
+        self._policy.reset()
+        self._trim_to(end)
+
+    def _start(self, job: Job) -> Job:
+        self._busy = True
+        self._decoded_until = job.offset + len(job.audio) / SAMPLE_RATE
+        return job
+
+    def _prompt(self) -> str:
+        return self._prompt_text[-self.config.prompt_chars :]
+
+    def _trim_to(self, t: float) -> None:
+        """Drop buffered audio before stream time ``t``; committed words before it move to the
+        prompt."""
+        cut = round((t - self._buffer_start) * SAMPLE_RATE)
+        if cut <= 0:
+            return
+        self._buffer = self._buffer[cut:]
+        self._buffer_start += cut / SAMPLE_RATE
+        gone = [w for w in self._committed if w.end <= self._buffer_start + 0.05]
+        if gone:
+            self._prompt_text += "".join(w.word for w in gone)
+            self._committed = self._committed[len(gone) :]
+
+
+def run_job(engine, job: Job) -> list[TimedWord]:
+    """Decode a job's window on ``engine``: greedy, word timestamps, no temperature fallback
+    (it would cost latency on exactly the windows that are late already)."""
+    from npu.engine import NO_FALLBACK
+    from npu.transcribe import TranscribeOptions, transcribe
+
+    if len(job.audio) < SAMPLE_RATE // 10:
+        return []
+    options = TranscribeOptions(word_timestamps=True, fallback=NO_FALLBACK, initial_prompt=job.prompt or None)
+    result = transcribe(engine, job.audio, options)
+    return [
+        TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.p) for seg in result.segments for w in seg.words
+    ]

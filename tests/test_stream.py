@@ -1,0 +1,93 @@
+"""The streaming core without sockets: commit policy units, then real speech through Stream."""
+
+from __future__ import annotations
+
+import itertools
+
+import jiwer
+import numpy as np
+import pytest
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from streamd.audio import load_audio
+from streamd.policy import LocalAgreement, TimedWord
+from streamd.stream import Final, Partial, Stream, VadChange, run_job
+
+from .conftest import reference
+
+
+def words(text: str, start: float = 0.0) -> list[TimedWord]:
+    return [TimedWord(" " + w, start + i, start + i + 0.5, 0.9) for i, w in enumerate(text.split())]
+
+
+def test_local_agreement_commits_the_shared_prefix():
+    policy = LocalAgreement()
+    committed, partial = policy.update(words("and so my"))
+    assert committed == [] and [w.word for w in partial] == [" and", " so", " my"]
+    committed, partial = policy.update(words("And so, my fellow"))
+    assert [w.key for w in committed] == ["and", "so", "my"]
+    assert [w.key for w in partial] == ["fellow"]
+    # The next hypothesis covers only what was not committed.
+    committed, partial = policy.update(words("fellow Americans"))
+    assert [w.key for w in committed] == ["fellow"] and [w.key for w in partial] == ["americans"]
+
+
+def test_local_agreement_waits_on_disagreement_and_flushes_at_the_end():
+    policy = LocalAgreement()
+    policy.update(words("ask not"))
+    committed, _ = policy.update(words("task not"))
+    assert committed == []
+    assert [w.key for w in policy.flush(words("ask not what"))] == ["ask", "not", "what"]
+
+
+@pytest.fixture(scope="module")
+def streamed(engine, jfk):
+    """JFK between 3 s of silence, fed in 100 ms chunks; jobs run as soon as asked for."""
+    silence = np.zeros(3 * 16000, np.float32)
+    audio = np.concatenate([silence, load_audio(jfk), silence])
+    stream = Stream()
+    events, job_times = [], []
+    for i in range(0, len(audio), 1600):
+        events += stream.feed(audio[i : i + 1600])
+        job = stream.next_job()
+        if job is not None:
+            job_times.append(stream.time)
+            events += stream.on_result(job, run_job(engine, job))
+    events += stream.finish()
+    while (job := stream.next_job()) is not None:
+        events += stream.on_result(job, run_job(engine, job))
+    return events, job_times
+
+
+def test_no_decoding_while_silent(streamed):
+    _, job_times = streamed
+    assert job_times and min(job_times) > 3.0
+
+
+def test_vad_events_bracket_the_speech(streamed):
+    events, _ = streamed
+    vad = [e for e in events if isinstance(e, VadChange)]
+    assert vad[0].speech and 2.5 < vad[0].t < 3.5
+    assert not vad[-1].speech and vad[-1].t > 13.0
+
+
+def test_finals_carry_the_text_in_order(streamed, jfk):
+    events, _ = streamed
+    finals = [e for e in events if isinstance(e, Final)]
+    assert [f.segment for f in finals] == list(range(len(finals)))
+    assert all(a.end <= b.start + 0.5 for a, b in itertools.pairwise(finals))
+    norm = EnglishTextNormalizer()
+    text = " ".join(f.text for f in finals)
+    assert jiwer.wer(norm(reference(jfk)), norm(text)) <= 0.1, text
+    for f in finals:
+        assert f.words and "".join(w.word for w in f.words).strip() == f.text
+        assert 2.5 <= f.start <= f.end <= 14.5  # the first word may start at the pre-roll
+
+
+def test_partials_come_before_their_final(streamed):
+    events, _ = streamed
+    partials = [e for e in events if isinstance(e, Partial)]
+    assert partials, "no partial before the finals"
+    final_segments = {e.segment for e in events if isinstance(e, Final)}
+    for p in partials:
+        assert p.segment in final_segments or p.segment == max(final_segments) + 1
