@@ -80,7 +80,9 @@ class _Rules:
         """Mask ``logits`` ``[B, V]`` in place for the hypotheses ``tokens``."""
         neg = -np.inf
         n_generated = len(tokens[0]) - self.sample_begin
-        if n_generated == 0 and self.opts.suppress_blank:
+        # No blank start; but after a forced prefix, ending at once is the right answer when the
+        # prefix already says everything.
+        if n_generated == 0 and self.opts.suppress_blank and not self.opts.prefix:
             logits[:, begin_suppress if begin_suppress is not None else self.begin_suppress] = neg
         if len(self.suppress):
             logits[:, self.suppress] = neg
@@ -120,8 +122,9 @@ class _Rules:
         logits[ts_mass > max_text, :ts] = neg
 
 
-def _initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: int) -> tuple[list[int], int]:
-    """Prompt + start-of-transcript sequence; returns the tokens and the index of <|sot|>."""
+def _initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: int) -> tuple[list[int], int, int]:
+    """Prompt + start-of-transcript sequence + prefix; returns the tokens, the index of <|sot|>
+    and the index where the transcript's text (the prefix, if any) begins."""
     tokens: list[int] = []
     if opts.prompt:
         tokens = [tok.sot_prev, *list(opts.prompt)[-(n_text_ctx // 2 - 1) :]]
@@ -129,9 +132,10 @@ def _initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: in
     tokens += tok.sot_sequence(opts.language)
     if opts.without_timestamps:
         tokens.append(tok.no_timestamps)
+    text_index = len(tokens)
     if opts.prefix:
         tokens += list(opts.prefix)[-(n_text_ctx // 2 - 1) :]
-    return tokens, sot_index
+    return tokens, sot_index, text_index
 
 
 def _suppress_list(tok: WhisperTokenizer, opts: DecodingOptions, model_list: list[int]) -> list[int]:
@@ -145,26 +149,37 @@ def _suppress_list(tok: WhisperTokenizer, opts: DecodingOptions, model_list: lis
 
 RESTART_NGRAM = 4
 REPEAT_NGRAM = 8
+SHORT_REPEAT_MIN = 3
 
 
-def _loop_start(seq: list[int], sample_begin: int, ts_begin: int) -> int | None:
+def _loop_start(seq: list[int], text_begin: int, sample_begin: int, ts_begin: int) -> int | None:
     """Index in ``seq`` where a loop's first repeated copy begins, or ``None``.
 
-    A hypothesis loops when its text starts over (its last 4 text tokens are its first 4) or
-    repeats an 8-token run it already produced. Unpadded windows make Whisper do this at the end
-    of the audio: it never saw speech end without trailing silence.
+    A hypothesis loops when its text starts over (its last 4 text tokens are its first 4),
+    repeats an 8-token run it already produced, or says a 3 to 7-token phrase twice in a row.
+    The text begins at ``text_begin`` (a forced prefix counts: a restart of the prefix is a loop
+    too); the cut is never inside the prefix, which ends at ``sample_begin``. Unpadded windows
+    make Whisper do this at the end of the audio: it never saw speech end without silence.
     """
-    positions = [i for i in range(sample_begin, len(seq)) if seq[i] < ts_begin]
+    positions = [i for i in range(text_begin, len(seq)) if seq[i] < ts_begin]
     text = [seq[i] for i in positions]
     n = len(text)
+    cut = None
     if n >= 2 * RESTART_NGRAM and text[-RESTART_NGRAM:] == text[:RESTART_NGRAM]:
-        return positions[n - RESTART_NGRAM]
-    if n >= 2 * REPEAT_NGRAM:
-        tail = text[-REPEAT_NGRAM:]
-        for i in range(n - 2 * REPEAT_NGRAM + 1):
-            if text[i : i + REPEAT_NGRAM] == tail:
-                return positions[n - REPEAT_NGRAM]
-    return None
+        cut = positions[n - RESTART_NGRAM]
+    elif n >= 2 * REPEAT_NGRAM and any(
+        text[i : i + REPEAT_NGRAM] == text[-REPEAT_NGRAM:] for i in range(n - 2 * REPEAT_NGRAM + 1)
+    ):
+        cut = positions[n - REPEAT_NGRAM]
+    else:
+        # A phrase of 3+ tokens said twice back to back ("Ask not. Ask not.").
+        for k in range(SHORT_REPEAT_MIN, min(REPEAT_NGRAM, n // 2 + 1)):
+            if text[-k:] == text[-2 * k : -k]:
+                cut = positions[n - k]
+                break
+    if cut is None or len(seq) <= sample_begin:
+        return None
+    return max(cut, sample_begin)
 
 
 def decode(
@@ -178,7 +193,7 @@ def decode(
 ) -> DecodingResult:
     """Decode one window of encoded audio and return the best hypothesis."""
     n_text_ctx = backend.dims.n_text_ctx
-    initial, sot_index = _initial_tokens(tok, opts, n_text_ctx)
+    initial, sot_index, text_begin = _initial_tokens(tok, opts, n_text_ctx)
     sample_begin = len(initial)
     sample_len = opts.sample_len or n_text_ctx // 2
     sample_len = min(sample_len, n_text_ctx - sample_begin)
@@ -194,15 +209,38 @@ def decode(
     no_speech_prob = float(np.exp(_log_softmax(sot_logits)[tok.no_speech])) if tok.no_speech >= 0 else 0.0
     logits = logits[:, 1]
 
-    guard = (lambda seq: _loop_start(seq, sample_begin, tok.timestamp_begin) is not None) if opts.loop_guard else None
+    def guard(seq: list[int]) -> bool:
+        return _loop_start(seq, text_begin, sample_begin, tok.timestamp_begin) is not None
+
     if beam:
-        best = _beam_search(session, logits, initial, rules, begin_suppress, opts, sample_len, tok.eot, guard)
+        best = _beam_search(
+            session,
+            logits,
+            initial,
+            rules,
+            begin_suppress,
+            opts,
+            sample_len,
+            tok.eot,
+            guard if opts.loop_guard else None,
+        )
     else:
-        best = _sample(session, logits, initial, rules, begin_suppress, opts, sample_len, tok.eot, rng, guard)
+        best = _sample(
+            session,
+            logits,
+            initial,
+            rules,
+            begin_suppress,
+            opts,
+            sample_len,
+            tok.eot,
+            rng,
+            guard if opts.loop_guard else None,
+        )
     tokens, sum_logprob, token_logprobs, looped = best
     if looped:
         # Keep what came before the loop; close it at the end of the window.
-        cut = _loop_start(tokens, sample_begin, tok.timestamp_begin) or len(tokens)
+        cut = _loop_start(tokens, text_begin, sample_begin, tok.timestamp_begin) or len(tokens)
         tokens = tokens[:cut]
         token_logprobs = token_logprobs[: cut - sample_begin]
         sum_logprob = float(sum(token_logprobs))

@@ -15,7 +15,7 @@ import numpy as np
 from .backend import Backend
 from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, decode
-from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
+from .mel import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SILENT_LOG_MEL
 from .timing import WordTiming, find_alignment, merge_punctuations
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
@@ -102,13 +102,20 @@ class Engine:
     def devices(self) -> dict[str, str]:
         return self.backend.devices
 
-    def encode(self, mel: np.ndarray, num_frames: int | None = None, pad_to_30s: bool = False) -> EncodedWindow:
+    def encode(
+        self,
+        mel: np.ndarray,
+        num_frames: int | None = None,
+        pad_to_30s: bool = False,
+        min_frames: int | None = None,
+    ) -> EncodedWindow:
         """Encode the first ``num_frames`` frames of ``mel`` as one window.
 
         ``mel`` should run on past the real audio into silence (``log_mel(..., padding=N_SAMPLES)``
         gives that). Unpadded (the default) encodes the real frames plus ``tail_frames`` of that
         silence, at least ``min_window_frames``, so a short window costs a fraction of a 30 s one;
-        ``pad_to_30s`` encodes 3000 frames, as Whisper was trained.
+        ``pad_to_30s`` encodes 3000 frames, as Whisper was trained. ``min_frames`` overrides
+        ``min_window_frames`` (streaming trades a little accuracy for latency there).
         """
         num_frames = min(mel.shape[-1] if num_frames is None else num_frames, N_FRAMES)
         if mel.shape[-1] < N_FRAMES:
@@ -119,7 +126,8 @@ class Engine:
         if pad_to_30s:
             frames = N_FRAMES
         else:
-            frames = min(N_FRAMES, max(num_frames + self.tail_frames, self.min_window_frames))
+            minimum = self.min_window_frames if min_frames is None else min_frames
+            frames = min(N_FRAMES, max(num_frames + self.tail_frames, minimum))
             frames += frames % 2
         return EncodedWindow(self.backend.encode(mel[:, :frames]), num_frames, frames == N_FRAMES, mel)
 
@@ -176,3 +184,31 @@ class Engine:
             self.backend, window.features, self.tokenizer, text_tokens, token_probs, window.num_frames
         )
         return merge_punctuations(words)
+
+    def continue_window(
+        self, audio: np.ndarray, prompt: list[int], prefix: list[int], min_frames: int | None = None
+    ) -> list[WordTiming]:
+        """Decode ``audio`` (at most 30 s) after a forced ``prefix`` of tokens already known for
+        its start; return the timed words that follow the prefix (times relative to the audio).
+
+        For streaming: the prefix goes through the decoder in one batched pass, so an update
+        costs decoder steps only for the new words. No timestamps are decoded (word times come
+        from the alignment heads); a loop is cut where it starts.
+        """
+        num_frames = min(len(audio) // HOP_LENGTH, N_FRAMES)
+        if num_frames < 2:
+            return []
+        mel = self.backend.log_mel(audio, padding=N_SAMPLES)
+        window = self.encode(mel[:, :N_FRAMES], num_frames=num_frames, min_frames=min_frames)
+        options = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
+        result = self._decode_at(window, options, 0.0)
+        if NO_FALLBACK.is_silence(result) or not result.tokens:
+            return []
+        probs = [1.0] * len(prefix) + list(np.exp(result.token_logprobs[: len(result.tokens)]))
+        words = self.word_timings(window, [*prefix, *result.tokens], probs)
+        seen, new = 0, []
+        for w in words:
+            if seen >= len(prefix):
+                new.append(w)
+            seen += len(w.tokens)
+        return new

@@ -11,7 +11,7 @@ on the shared engine (off the event loop), hands the results back, and sends the
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -25,12 +25,13 @@ SAMPLE_RATE = 16000
 
 @dataclass(frozen=True)
 class StreamConfig:
-    update_s: float = 1.0  # new speech needed before the window is decoded again
+    update_s: float = 0.5  # new speech needed before the window is decoded again
     first_window_s: float = 1.0  # speech needed before the first decode of a region
     trim_s: float = 15.0  # past this, the window drops audio before its last committed word
     max_window_s: float = 25.0  # past this, old words are committed without agreement
     force_commit_lag_s: float = 5.0  # ... those ending this long before the window's end
     prompt_chars: int = 200  # committed text that left the window, fed back as the prompt
+    min_window_s: float = 5.0  # encoder window floor (the audio plus 1 s of silence, at least this)
     vad: VadConfig = field(default_factory=VadConfig)
 
 
@@ -40,8 +41,10 @@ class Job:
 
     audio: np.ndarray
     offset: float
-    prompt: str
+    prompt: str  # committed text that has left the window
+    prefix: str  # committed text still inside it: forced, not decoded again
     final: bool  # the speech ended: everything decoded is final
+    min_window_s: float = 5.0
 
 
 @dataclass
@@ -72,8 +75,8 @@ Event = Partial | Final | VadChange
 
 class Stream:
     """The window keeps the audio of the current utterance, committed words included, so that
-    every decode sees their context; words the policy already committed are recognised in each
-    new hypothesis by time (and by text, for timing jitter) and left out of it."""
+    every decode sees their context; the committed words inside it are forced as the decoder's
+    prefix, so each hypothesis holds only what follows them."""
 
     def __init__(self, config: StreamConfig | None = None) -> None:
         self.config = config or StreamConfig()
@@ -89,6 +92,7 @@ class Stream:
         self._segment = 0
         self._committed: list[TimedWord] = []  # committed words still inside the window
         self._committed_until = 0.0
+        self._recent: list[TimedWord] = []  # the last committed words, wherever they are now
         self._prompt_text = ""  # committed text that has left the window
 
     @property
@@ -136,20 +140,20 @@ class Stream:
                 self._end_utterance(end)
                 return None
             audio = self._buffer[: max(0, round((end - self._buffer_start) * SAMPLE_RATE))]
-            return self._start(Job(audio, self._buffer_start, self._prompt(), final=True))
+            return self._start(self._job(audio, final=True))
         if not self._vad.in_speech or self._region_start is None:
             return None
         if self.time - self._region_start < self.config.first_window_s:
             return None
         if self.time - self._decoded_until < self.config.update_s:
             return None
-        return self._start(Job(self._buffer.copy(), self._buffer_start, self._prompt(), final=False))
+        return self._start(self._job(self._buffer.copy(), final=False))
 
     def on_result(self, job: Job, words: list[TimedWord]) -> list[Event]:
         """Take the words decoded for ``job`` (stream times); returns partials and finals."""
         self._busy = False
         events: list[Event] = []
-        fresh = self._uncommitted(words)
+        fresh = self._drop_echo(words)
         window_end = job.offset + len(job.audio) / SAMPLE_RATE
         if job.final:
             self._commit(self._policy.flush(fresh), events)
@@ -173,22 +177,32 @@ class Stream:
 
     # -----------------------------------------------------------------------------------------
 
-    def _uncommitted(self, words: list[TimedWord]) -> list[TimedWord]:
-        """The words of a hypothesis after what is already committed."""
-        fresh = [w for w in words if w.start >= self._committed_until - 0.1]
-        # Timing jitter can bring back the last committed words: drop a repeated n-gram.
-        tail = [w.key for w in self._committed[-5:]]
-        for n in range(min(len(tail), len(fresh)), 0, -1):
-            if [w.key for w in fresh[:n]] == tail[-n:]:
-                return fresh[n:]
-        return fresh
+    def _drop_echo(self, words: list[TimedWord]) -> list[TimedWord]:
+        """The committed words in the window are forced as the prefix, so a hypothesis holds
+        only what follows them; but once they have left the window, the tail of their audio can
+        still be heard and transcribed again. Drop a leading repeat of the last committed words
+        that starts within a second of where they ended."""
+        tail = [w.key for w in self._recent]
+        for n in range(min(len(tail), len(words)), 0, -1):
+            if [w.key for w in words[:n]] == tail[-n:] and words[0].start < self._committed_until + 1.0:
+                return words[n:]
+        return words
 
     def _commit(self, words: list[TimedWord], events: list[Event]) -> None:
         text = "".join(w.word for w in words).strip()
         if not text:
             return
+        # Alignment jitter must not send a final back in time over the one before.
+        floor = self._committed_until
+        timed = []
+        for w in words:
+            start = max(w.start, floor)
+            floor = max(w.end, start)
+            timed.append(replace(w, start=start, end=floor))
+        words = timed
         events.append(Final(self._segment, words[0].start, words[-1].end, text, list(words)))
         self._committed += words
+        self._recent = [*self._recent, *words][-5:]
         self._committed_until = max(self._committed_until, words[-1].end)
         self._segment += 1
 
@@ -197,6 +211,10 @@ class Stream:
         self._region_start = None if not self._vad.in_speech else self._region_start
         self._policy.reset()
         self._trim_to(end)
+
+    def _job(self, audio: np.ndarray, final: bool) -> Job:
+        prefix = "".join(w.word for w in self._committed)
+        return Job(audio, self._buffer_start, self._prompt(), prefix, final, self.config.min_window_s)
 
     def _start(self, job: Job) -> Job:
         self._busy = True
@@ -221,15 +239,10 @@ class Stream:
 
 
 def run_job(engine, job: Job) -> list[TimedWord]:
-    """Decode a job's window on ``engine``: greedy, word timestamps, no temperature fallback
-    (it would cost latency on exactly the windows that are late already)."""
-    from npu.engine import NO_FALLBACK
-    from npu.transcribe import TranscribeOptions, transcribe
-
-    if len(job.audio) < SAMPLE_RATE // 10:
-        return []
-    options = TranscribeOptions(word_timestamps=True, fallback=NO_FALLBACK, initial_prompt=job.prompt or None)
-    result = transcribe(engine, job.audio, options)
-    return [
-        TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.p) for seg in result.segments for w in seg.words
-    ]
+    """Decode a job's window on ``engine`` after its committed prefix: greedy, word timestamps,
+    no temperature fallback (it would cost latency on exactly the windows that are late)."""
+    tok = engine.tokenizer
+    prompt = tok.encode(" " + job.prompt.strip()) if job.prompt.strip() else []
+    prefix = tok.encode(job.prefix) if job.prefix else []
+    words = engine.continue_window(job.audio, prompt, prefix, min_frames=round(job.min_window_s * 100))
+    return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.probability) for w in words]
