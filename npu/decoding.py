@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .backend import Backend
+from .backend import Backend, DecoderSession
 from .tokenizer import WhisperTokenizer
 
 __all__ = ["TIME_PRECISION", "DecodingOptions", "DecodingResult", "compression_ratio", "decode"]
@@ -37,7 +38,7 @@ class DecodingOptions:
     suppress_blank: bool = True
     suppress_tokens: tuple[int, ...] | None = None  # None: the model's list (or non-speech symbols)
     language: str | None = "en"
-    loop_guard: bool = False  # stop a hypothesis that starts over or repeats itself (see _looping)
+    loop_guard: bool = False  # stop a hypothesis that starts over or repeats itself (see _loop_start)
 
 
 @dataclass
@@ -68,22 +69,30 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 class _Rules:
     """Logit masks applied before each token choice."""
 
-    def __init__(self, tok: WhisperTokenizer, opts: DecodingOptions, suppress: list[int], sample_begin: int) -> None:
+    def __init__(
+        self,
+        tok: WhisperTokenizer,
+        opts: DecodingOptions,
+        suppress: list[int],
+        sample_begin: int,
+        begin_suppress: list[int] | None = None,
+    ) -> None:
         self.tok = tok
         self.opts = opts
         self.sample_begin = sample_begin
         self.suppress = np.array(sorted(set(suppress)), dtype=np.int64)
-        self.begin_suppress = np.array([*tok.encode(" "), tok.eot], dtype=np.int64)
+        # Blank and eot at the first position: the model's list, or Whisper's default.
+        self.begin_suppress = np.array(begin_suppress or [*tok.encode(" "), tok.eot], dtype=np.int64)
         self.ts_begin = tok.timestamp_begin
 
-    def apply(self, logits: np.ndarray, tokens: list[list[int]], begin_suppress: np.ndarray | None) -> None:
+    def apply(self, logits: np.ndarray, tokens: list[list[int]]) -> None:
         """Mask ``logits`` ``[B, V]`` in place for the hypotheses ``tokens``."""
         neg = -np.inf
         n_generated = len(tokens[0]) - self.sample_begin
         # No blank start; but after a forced prefix, ending at once is the right answer when the
         # prefix already says everything.
         if n_generated == 0 and self.opts.suppress_blank and not self.opts.prefix:
-            logits[:, begin_suppress if begin_suppress is not None else self.begin_suppress] = neg
+            logits[:, self.begin_suppress] = neg
         if len(self.suppress):
             logits[:, self.suppress] = neg
         if self.opts.without_timestamps:
@@ -197,8 +206,7 @@ def decode(
     sample_begin = len(initial)
     sample_len = opts.sample_len or n_text_ctx // 2
     sample_len = min(sample_len, n_text_ctx - sample_begin)
-    rules = _Rules(tok, opts, _suppress_list(tok, opts, model_suppress or []), sample_begin)
-    begin_suppress = np.array(model_suppress_begin, dtype=np.int64) if model_suppress_begin else None
+    rules = _Rules(tok, opts, _suppress_list(tok, opts, model_suppress or []), sample_begin, model_suppress_begin)
 
     beam = opts.beam_size > 1 and opts.temperature == 0
     n_rows = opts.beam_size if beam else (opts.best_of if opts.temperature > 0 else 1)
@@ -209,34 +217,11 @@ def decode(
     no_speech_prob = float(np.exp(_log_softmax(sot_logits)[tok.no_speech])) if tok.no_speech >= 0 else 0.0
     logits = logits[:, 1]
 
-    def guard(seq: list[int]) -> bool:
+    def looping(seq: list[int]) -> bool:
         return _loop_start(seq, text_begin, sample_begin, tok.timestamp_begin) is not None
 
-    if beam:
-        best = _beam_search(
-            session,
-            logits,
-            initial,
-            rules,
-            begin_suppress,
-            opts,
-            sample_len,
-            tok.eot,
-            guard if opts.loop_guard else None,
-        )
-    else:
-        best = _sample(
-            session,
-            logits,
-            initial,
-            rules,
-            begin_suppress,
-            opts,
-            sample_len,
-            tok.eot,
-            rng,
-            guard if opts.loop_guard else None,
-        )
+    search = _Search(session, rules, opts, initial, sample_len, tok.eot, looping if opts.loop_guard else None)
+    best = _beam_search(search, logits) if beam else _sample(search, logits, rng)
     tokens, sum_logprob, token_logprobs, looped = best
     if looped:
         # Keep what came before the loop; close it at the end of the window.
@@ -263,8 +248,22 @@ def decode(
     )
 
 
-def _sample(session, logits, initial, rules, begin_suppress, opts, sample_len, eot, rng, guard):
+@dataclass
+class _Search:
+    """What a search loop needs besides the logits: the cached decoder, the masks, the limits."""
+
+    session: DecoderSession
+    rules: _Rules
+    opts: DecodingOptions
+    initial: list[int]
+    sample_len: int
+    eot: int
+    looping: Callable[[list[int]], bool] | None
+
+
+def _sample(search: _Search, logits: np.ndarray, rng: np.random.Generator | None):
     """Greedy (temperature 0) or sampled decoding of every row; returns the best finished row."""
+    session, rules, opts, initial, eot = search.session, search.rules, search.opts, search.initial, search.eot
     n = logits.shape[0]
     seqs = [list(initial) for _ in range(n)]
     sum_lp = np.zeros(n)
@@ -272,9 +271,9 @@ def _sample(session, logits, initial, rules, begin_suppress, opts, sample_len, e
     done = np.zeros(n, dtype=bool)
     looped = np.zeros(n, dtype=bool)
     rng = rng or np.random.default_rng(0)
-    for _ in range(sample_len):
+    for _ in range(search.sample_len):
         logits = logits.astype(np.float64)
-        rules.apply(logits, seqs, begin_suppress)
+        rules.apply(logits, seqs)
         logprobs = _log_softmax(logits)
         if opts.temperature == 0:
             next_tokens = logits.argmax(-1)
@@ -292,7 +291,7 @@ def _sample(session, logits, initial, rules, begin_suppress, opts, sample_len, e
             seqs[k].append(t)
             if t == eot:
                 done[k] = True
-            elif guard is not None and guard(seqs[k]):
+            elif search.looping is not None and search.looping(seqs[k]):
                 done[k] = looped[k] = True
         if done.all():
             break
@@ -309,16 +308,17 @@ def _rank_scores(sum_lp: np.ndarray, lengths: np.ndarray, length_penalty: float 
     return sum_lp / penalty
 
 
-def _beam_search(session, logits, initial, rules, begin_suppress, opts, sample_len, eot, guard):
+def _beam_search(search: _Search, logits: np.ndarray):
     """Whisper-style beam search: keep ``beam_size`` live beams, collect ``beam_size * patience``
     finished ones, rank by length-normalised log-probability."""
+    session, rules, opts, initial, eot = search.session, search.rules, search.opts, search.initial, search.eot
     beam_size = opts.beam_size
     max_finished = max(1, round(beam_size * opts.patience))
     beams: list[tuple[list[int], float, list[float]]] = [(list(initial), 0.0, []) for _ in range(beam_size)]
     finished: dict[tuple[int, ...], tuple[float, list[float]]] = {}
-    for step in range(sample_len):
+    for step in range(search.sample_len):
         logits = logits.astype(np.float64)
-        rules.apply(logits, [b[0] for b in beams], begin_suppress)
+        rules.apply(logits, [b[0] for b in beams])
         logprobs = _log_softmax(logits)
         candidates: dict[tuple[int, ...], tuple[float, int, list[float]]] = {}
         for k, (seq, score, lps) in enumerate(beams):
@@ -335,7 +335,7 @@ def _beam_search(session, logits, initial, rules, begin_suppress, opts, sample_l
         next_beams: list[tuple[list[int], float, list[float]]] = []
         sources: list[int] = []
         for key, (score, src, lps) in ranked:
-            if key[-1] == eot or (guard is not None and guard(list(key))):
+            if key[-1] == eot or (search.looping is not None and search.looping(list(key))):
                 if len(finished) < max_finished:
                     finished[key] = (score, lps)
             else:
@@ -343,7 +343,7 @@ def _beam_search(session, logits, initial, rules, begin_suppress, opts, sample_l
                 sources.append(src)
             if len(next_beams) == beam_size:
                 break
-        if len(finished) >= max_finished or not next_beams or step == sample_len - 1:
+        if len(finished) >= max_finished or not next_beams or step == search.sample_len - 1:
             break
         while len(next_beams) < beam_size:  # fewer live candidates than beams: repeat the best
             next_beams.append(next_beams[0])

@@ -43,11 +43,17 @@ class FallbackPolicy:
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
+    certain_no_speech: float | None = 0.9
 
     def is_silence(self, r: DecodingResult) -> bool:
-        """Likely no speech: the no-speech probability is high and the text unlikely."""
+        """Likely no speech: the no-speech probability is high and the text unlikely (Whisper's
+        rule), or the no-speech probability alone is near certain: on digital silence tiny.en
+        says "you" with a fair log-probability, and a no-speech probability of 0.99 (on the dev
+        corpus, windows with speech stay below 0.6)."""
         if self.no_speech_threshold is None or r.no_speech_prob <= self.no_speech_threshold:
             return False
+        if self.certain_no_speech is not None and r.no_speech_prob >= self.certain_no_speech:
+            return True
         return self.logprob_threshold is None or r.avg_logprob < self.logprob_threshold
 
     def needs_fallback(self, r: DecodingResult) -> bool:

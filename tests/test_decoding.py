@@ -26,7 +26,7 @@ def _rules(engine, sample_begin=1, **kw):
 def test_first_token_must_be_an_early_timestamp(engine):
     rules, tok = _rules(engine)
     logits = np.zeros((1, engine.weights.dims.n_vocab))
-    rules.apply(logits, [[tok.sot]], None)
+    rules.apply(logits, [[tok.sot]])
     allowed = np.flatnonzero(np.isfinite(logits[0]))
     # <|0.00|> .. <|1.00|>: max_initial_timestamp is 1 s.
     assert allowed.min() == tok.timestamp_begin
@@ -44,7 +44,7 @@ def test_timestamps_come_in_pairs_and_never_decrease(engine):
         [tok.sot, ts + 10, word, ts + 40],  # closing timestamp just came: must be another or eot
         [tok.sot, ts + 10, word, ts + 40, ts + 40],  # pair closed: text must follow
     ]
-    rules.apply(logits, seqs, None)
+    rules.apply(logits, seqs)
     row0 = np.isfinite(logits[0])
     assert row0[word] and not row0[ts + 9] and row0[ts + 11]
     row1 = np.isfinite(logits[1])
@@ -56,14 +56,14 @@ def test_timestamps_come_in_pairs_and_never_decrease(engine):
 def test_timestamp_is_forced_when_timestamps_outweigh_text(engine):
     rules, tok = _rules(engine)
     logits = np.zeros((1, engine.weights.dims.n_vocab))
-    rules.apply(logits, [[tok.sot, tok.timestamp_begin, tok.encode(" hi")[0]]], None)
+    rules.apply(logits, [[tok.sot, tok.timestamp_begin, tok.encode(" hi")[0]]])
     assert np.all(logits[0, : tok.timestamp_begin] == -np.inf)
 
 
 def test_suppressed_and_blank_tokens_are_masked(engine):
     rules, tok = _rules(engine, sample_begin=2, without_timestamps=True)
     logits = np.zeros((1, engine.weights.dims.n_vocab))
-    rules.apply(logits, [[tok.sot, tok.no_timestamps]], None)
+    rules.apply(logits, [[tok.sot, tok.no_timestamps]])
     for t in engine.weights.suppress_tokens:
         assert logits[0, t] == -np.inf
     assert logits[0, tok.encode(" ")[0]] == -np.inf  # blank at the start
@@ -75,7 +75,7 @@ def test_suppressed_and_blank_tokens_are_masked(engine):
 def test_timestamps_past_the_window_are_impossible(engine):
     rules, tok = _rules(engine, max_timestamp=2.0)
     logits = np.zeros((1, engine.weights.dims.n_vocab))
-    rules.apply(logits, [[tok.sot, tok.timestamp_begin, tok.encode(" hi")[0]]], None)
+    rules.apply(logits, [[tok.sot, tok.timestamp_begin, tok.encode(" hi")[0]]])
     assert np.isfinite(logits[0, tok.timestamp_begin + 100])
     assert logits[0, tok.timestamp_begin + 101] == -np.inf
 
