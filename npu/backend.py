@@ -56,10 +56,6 @@ class Backend(ABC):
         (it may stay on the device) and is passed back to :meth:`decoder`."""
 
     @abstractmethod
-    def n_audio_frames(self, features: object) -> int:
-        """Number of encoder positions in ``features``."""
-
-    @abstractmethod
     def decoder(self, features: object, batch_size: int = 1) -> DecoderSession:
         """A fresh decoder session over ``features`` with ``batch_size`` rows."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -362,7 +362,3 @@ def _beam_search(search: _Search, logits: np.ndarray):
     best = int(np.argmax(_rank_scores(sum_lp, lengths, opts.length_penalty)))
     best_seq = list(keys[best])
     return best_seq, float(sum_lp[best]), finished[keys[best]][1], best_seq[-1] != eot
-
-
-def with_options(opts: DecodingOptions, **changes: object) -> DecodingOptions:
-    return replace(opts, **changes)

@@ -65,6 +65,7 @@ class FallbackPolicy:
 
 
 NO_FALLBACK = FallbackPolicy(temperatures=(0.0,))
+STREAM_SILENCE = FallbackPolicy(temperatures=(0.0,), certain_no_speech=None)
 
 
 @dataclass
@@ -208,7 +209,9 @@ class Engine:
         window = self.encode(mel[:, :N_FRAMES], num_frames=num_frames, min_frames=min_frames)
         options = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
         result = self._decode_at(window, options, 0.0)
-        if NO_FALLBACK.is_silence(result) or not result.tokens:
+        # The caller's VAD heard speech: only Whisper's own silence rule applies here (a
+        # near-certain no-speech alone would drop the words of a quiet utterance's end).
+        if STREAM_SILENCE.is_silence(result) or not result.tokens:
             return []
         probs = [1.0] * len(prefix) + list(np.exp(result.token_logprobs[: len(result.tokens)]))
         words = self.word_timings(window, [*prefix, *result.tokens], probs)

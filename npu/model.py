@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import erf
 
-from .weights import ModelDims, WhisperWeights
+from .weights import WhisperWeights
 
 __all__ = ["Decoder", "DecoderState", "Encoder", "attention_blocked", "gelu", "gelu_tanh", "layer_norm", "softmax"]
 
@@ -309,7 +309,3 @@ class Decoder:
         """Vocabulary logits of hidden states ``[..., d]`` (the output projection is tied to the
         token embedding)."""
         return hidden @ self.embedding_t
-
-    @property
-    def model_dims(self) -> ModelDims:
-        return self.dims

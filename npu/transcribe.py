@@ -8,7 +8,7 @@ silence). Previous text conditions the next window unless a fallback ran hot.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -77,9 +77,6 @@ class Transcript:
 
     def to_dict(self) -> dict:
         return {"text": self.text, "segments": [s.to_dict() for s in self.segments], "audio_s": self.duration}
-
-    def as_plain(self) -> dict:
-        return asdict(self)
 
 
 def _split_segments(tokens: list[int], ts_begin: int, offset: float, window_s: float) -> tuple[list, int | None]:

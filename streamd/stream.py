@@ -99,10 +99,6 @@ class Stream:
     def time(self) -> float:
         return self._received / SAMPLE_RATE
 
-    @property
-    def busy(self) -> bool:
-        return self._busy
-
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Take 16 kHz mono float32 audio; returns VAD changes."""
         samples = np.asarray(samples, dtype=np.float32)

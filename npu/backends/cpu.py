@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import Backend, DecoderSession
+from ..backend import STAGES, Backend, DecoderSession
 from ..mel import log_mel
 from ..model import Decoder, DecoderState, Encoder
 from ..weights import WhisperWeights
@@ -47,7 +47,7 @@ class CpuBackend(Backend):
 
     @property
     def devices(self) -> dict[str, str]:
-        return {"mel": "cpu", "encoder": "cpu", "decoder": "cpu"}
+        return dict.fromkeys(STAGES, "cpu")
 
     def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
         return log_mel(audio, self.dims.n_mels, padding)
@@ -59,10 +59,6 @@ class CpuBackend(Backend):
         if features.cross is None:
             features.cross = self.decoder_model.cross_kv(features.x)
         return features.cross
-
-    def n_audio_frames(self, features: object) -> int:
-        assert isinstance(features, CpuFeatures)
-        return features.x.shape[0]
 
     def decoder(self, features: object, batch_size: int = 1) -> DecoderSession:
         assert isinstance(features, CpuFeatures)
