@@ -15,7 +15,7 @@ import numpy as np
 from .backend import Backend
 from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, decode
-from .mel import HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE, SILENT_LOG_MEL
+from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
 from .timing import WordTiming, find_alignment, merge_punctuations
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
@@ -205,7 +205,11 @@ class Engine:
         num_frames = min(len(audio) // HOP_LENGTH, N_FRAMES)
         if num_frames < 2:
             return []
-        mel = self.backend.log_mel(audio, padding=N_SAMPLES)
+        # Only as much trailing silence as the window will use: an update runs every fraction
+        # of a second, and a 30 s pad would triple the STFT work of a short window.
+        minimum = self.min_window_frames if min_frames is None else min_frames
+        padding = (max(minimum - num_frames, 0) + self.tail_frames + 1) * HOP_LENGTH
+        mel = self.backend.log_mel(audio, padding=padding)
         window = self.encode(mel[:, :N_FRAMES], num_frames=num_frames, min_frames=min_frames)
         options = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
         result = self._decode_at(window, options, 0.0)
