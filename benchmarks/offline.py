@@ -93,6 +93,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--beams", type=int, nargs="+", default=[1, 5])
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is shown")
+    p.add_argument(
+        "--variant", action="append", default=[], metavar="ARGS", help="extra streamd row, e.g. --variant=--vad"
+    )
     p.add_argument("--only", choices=["streamd", "faster-whisper"], help="run one system")
     p.add_argument("--no-variants", action="store_true", help="skip the --pad-to-30s and --no-word-timestamps rows")
     args = p.parse_args()
@@ -115,6 +118,8 @@ def main() -> None:
             if not args.no_variants and beam == 1:
                 configs.append((beam, lambda b=beam: run_streamd(files, b, ["--pad-to-30s"])))
                 configs.append((beam, lambda b=beam: run_streamd(files, b, ["--no-word-timestamps"])))
+            for extra in args.variant:
+                configs.append((beam, lambda b=beam, e=extra: run_streamd(files, b, e.split())))
         if args.only != "streamd" and have_fw:
             configs.append((beam, lambda b=beam: run_faster_whisper(files, b)))
     trials: list[list[Run]] = [[] for _ in configs]
