@@ -1,4 +1,4 @@
-"""The ``streamd`` command line: ``streamd transcribe FILE...``."""
+"""The ``streamd`` command line: ``streamd transcribe FILE...`` and ``streamd serve``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--prompt", metavar="TEXT", help="initial prompt: names, spelling, style to condition on")
     t.add_argument("--no-condition", action="store_true", help="do not feed each window the previous text")
     _add_model_args(t)
+    from .service import add_serve_args
+
+    s = sub.add_parser(
+        "serve",
+        help="run the live-captioning daemon (protocol v1 over websockets)",
+        description="Serve live transcripts: ws /v1/stream, ws /v1/captions?source=ID, GET / /healthz /metrics.",
+    )
+    add_serve_args(s)
     return parser
 
 
@@ -135,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "transcribe":
             return _transcribe(args)
+        if args.command == "serve":
+            from .service import serve_main
+
+            return serve_main(args)
     except BrokenPipeError:
         # The reader went away (`streamd transcribe ... | head`): stop quietly, as Unix tools do.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -99,6 +99,31 @@ class Stream:
     def time(self) -> float:
         return self._received / SAMPLE_RATE
 
+    @property
+    def busy(self) -> bool:
+        """A job is out and its result not yet back."""
+        return self._busy
+
+    @property
+    def final_pending(self) -> bool:
+        """Speech ended and its last words still wait for their final decode."""
+        return self._speech_end is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is decoding or waiting to be finalised (after :meth:`finish`: all done)."""
+        return not self._busy and self._speech_end is None and not self._vad.in_speech
+
+    @property
+    def lag(self) -> float:
+        """Seconds of received audio not yet covered by a decode."""
+        return self.time - self._decoded_until
+
+    @property
+    def buffered(self) -> float:
+        """Seconds of audio held in the window."""
+        return len(self._buffer) / SAMPLE_RATE
+
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Take 16 kHz mono float32 audio; returns VAD changes."""
         samples = np.asarray(samples, dtype=np.float32)
@@ -141,7 +166,7 @@ class Stream:
             return None
         if self.time - self._region_start < self.config.first_window_s:
             return None
-        if self.time - self._decoded_until < self.config.update_s:
+        if self.time - self._decoded_until < self.config.update_s and self.buffered < self.config.max_window_s:
             return None
         return self._start(self._job(self._buffer.copy(), final=False))
 
@@ -169,6 +194,12 @@ class Stream:
                 events.append(Partial(self._segment, partial[0].start, partial[-1].end, text))
         if window_end - self._buffer_start > self.config.trim_s and self._committed:
             self._trim_to(self._committed_until)
+        if window_end - self._buffer_start > self.config.max_window_s:
+            # Nothing could be committed far enough back (noise the VAD took for speech, or
+            # words only at the very end): drop the oldest audio rather than let the window
+            # outgrow the encoder's 30 s.
+            self._trim_to(window_end - self.config.max_window_s + self.config.force_commit_lag_s)
+            self._policy.reset()
         return events
 
     # -----------------------------------------------------------------------------------------

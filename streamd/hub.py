@@ -1,0 +1,256 @@
+"""Named sources and the clients that receive their messages.
+
+A :class:`Source` is one live audio stream (a websocket client, a TCP connection, the
+microphone, a file) with its :class:`~streamd.stream.Stream`; it numbers its messages and fans
+them out. Every receiving client has an :class:`Outbox`: publishing never waits on a client, a
+slow client loses partials (each newer partial replaces the older), never finals, and is cut
+off once too many messages wait for it. The :class:`Hub` names sources so that viewers can
+subscribe to one by id, before it starts and across its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .protocol import POLICY_VIOLATION, PROTOCOL_VERSION, TRY_AGAIN_LATER, ProtocolError, event_message
+from .stream import Event, Final, Partial, Stream, StreamConfig
+
+__all__ = ["Hub", "Outbox", "Source"]
+
+DROPPABLE = ("partial", "vad")
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    text: str  # serialised once, shared by every receiver
+
+
+class Outbox:
+    """One client's queue of outgoing messages, bounded at ``limit``.
+
+    Over the limit, queued partials and VAD notices are dropped first; when finals alone
+    exceed it the client cannot keep up, and :attr:`overflowed` is set (the connection then
+    gets one ``slow_client`` error and is closed).
+    """
+
+    def __init__(self, limit: int = 256) -> None:
+        self.limit = limit
+        self._queue: deque[Message] = deque()
+        self._wakeup = asyncio.Event()
+        self._closed = False
+        self.overflowed = False
+        self.dropped = 0
+        self.on_overflow: Callable[[], object] | None = None  # e.g. interrupt a send blocked on the socket
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def put(self, message: Message) -> None:
+        if self._closed or self.overflowed:
+            return
+        if message.type == "partial" and any(m.type == "partial" for m in self._queue):
+            kept = deque(m for m in self._queue if m.type != "partial")
+            self.dropped += len(self._queue) - len(kept)
+            self._queue = kept
+        self._queue.append(message)
+        if len(self._queue) > self.limit:
+            kept = deque(m for m in self._queue if m.type not in DROPPABLE)
+            self.dropped += len(self._queue) - len(kept)
+            self._queue = kept
+            if len(self._queue) > self.limit:
+                self.overflowed = True
+                self._queue.clear()
+                if self.on_overflow is not None:
+                    self.on_overflow()
+        self._wakeup.set()
+
+    def close(self) -> None:
+        """No more messages: :meth:`get` returns ``None`` once the queue is drained."""
+        self._closed = True
+        self._wakeup.set()
+
+    async def get(self) -> Message | None:
+        """The next message; ``None`` when closed and drained, or overflowed."""
+        while True:
+            if self.overflowed:
+                return None
+            if self._queue:
+                return self._queue.popleft()
+            if self._closed:
+                return None
+            self._wakeup.clear()
+            await self._wakeup.wait()
+
+
+class Source:
+    """One session of a named audio source: its stream, its numbered messages, its receivers."""
+
+    def __init__(
+        self,
+        source_id: str,
+        kind: str,
+        ready: dict,
+        viewers: set[Outbox],
+        config: StreamConfig | None = None,
+        history: int = 500,
+        on_final: Callable[[float], None] | None = None,
+    ) -> None:
+        self.id = source_id
+        self.kind = kind
+        self.session = uuid.uuid4().hex[:12]
+        self.stream = Stream(config)
+        self.started = time.time()
+        self.seq = 0
+        self.owner: Outbox | None = None  # the client that sends the audio, if any
+        self._viewers = viewers  # the hub's set for this id: viewers may come and go
+        self._history: deque[Message] = deque(maxlen=history)
+        self._ready = {"type": "ready", "seq": 0, "protocol": PROTOCOL_VERSION, "session": self.session,
+                       "source": source_id, **ready}  # fmt: skip
+        self._progress = asyncio.Event()
+        self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (stream time, wall clock)
+        self._on_final = on_final
+        self.finished = False
+        self.ended = False
+        self.finals = 0
+
+    @property
+    def ready_message(self) -> Message:
+        return Message("ready", json.dumps(self._ready))
+
+    def replay(self, outbox: Outbox) -> None:
+        """A viewer joining now: the ready message and the finals so far."""
+        outbox.put(self.ready_message)
+        for message in self._history:
+            outbox.put(message)
+
+    def publish(self, message: dict, viewers: bool = True) -> None:
+        """Number ``message`` and queue it for the owner and (unless ``viewers`` is false) the viewers."""
+        self.seq += 1
+        msg = Message(message["type"], json.dumps({"type": message["type"], "seq": self.seq, **message}))
+        if msg.type == "final":
+            self._history.append(msg)
+        if self.owner is not None:
+            self.owner.put(msg)
+        if viewers:
+            for outbox in self._viewers:
+                outbox.put(msg)
+
+    def error(self, error: ProtocolError) -> None:
+        """Tell the owner about its own mistake (viewers do not need to know)."""
+        self.publish(error.message(), viewers=False)
+
+    def emit(self, events: list[Event]) -> None:
+        now = time.time()
+        for event in events:
+            if isinstance(event, Final):
+                self.finals += 1
+                if self._on_final is not None:
+                    self._on_final(now - self.arrival(event.end))
+            elif isinstance(event, Partial) and not event.text:
+                continue
+            self.publish(event_message(event))
+
+    def arrival(self, t: float) -> float:
+        """Wall-clock time at which stream time ``t`` was received."""
+        for stream_t, wall in reversed(self._arrivals):
+            if stream_t <= t:
+                return wall
+        return self._arrivals[0][1] if self._arrivals else self.started
+
+    @property
+    def lag(self) -> float:
+        """Seconds between now and the arrival of the audio the last decode ended at."""
+        covered = self.stream.time - self.stream.lag
+        return max(0.0, time.time() - self.arrival(covered)) if self.stream.lag > 0 else 0.0
+
+    def feed(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self.emit(self.stream.feed(samples))
+            self._arrivals.append((self.stream.time, time.time()))
+
+    def progressed(self) -> None:
+        """A decode of this source finished (the scheduler calls this)."""
+        self._progress.set()
+
+    async def wait_progress(self) -> None:
+        """Until the next :meth:`progressed` (or at once if one came since the last wait);
+        callers re-check their condition after it."""
+        await self._progress.wait()
+        self._progress.clear()
+
+    def finish(self) -> None:
+        """No more audio: what is left is the end of speech."""
+        if not self.finished:
+            self.finished = True
+            self.emit(self.stream.finish())
+
+
+class Hub:
+    """Live sources by id, and the viewers of each id (which outlive sessions)."""
+
+    def __init__(self, ready: dict, config: StreamConfig | None = None, max_streams: int = 16) -> None:
+        self._ready = ready
+        self.config = config
+        self.max_streams = max_streams
+        self.sources: dict[str, Source] = {}
+        self._viewers: dict[str, set[Outbox]] = {}
+        self._counter = 0
+        self.on_final: Callable[[float], None] | None = None
+
+    def new_id(self, kind: str) -> str:
+        self._counter += 1
+        return f"{kind}-{self._counter}"
+
+    def open(self, source_id: str | None, kind: str) -> Source:
+        """A new session; refused while a source of that id is live or streams are at the limit."""
+        source_id = source_id or self.new_id(kind)
+        if source_id in self.sources:
+            raise ProtocolError(
+                "source_in_use", f"source {source_id!r} is already streaming", fatal=True, close_code=POLICY_VIOLATION
+            )
+        if len(self.sources) >= self.max_streams:
+            raise ProtocolError(
+                "too_many_streams",
+                f"the server is at its limit of {self.max_streams} streams",
+                fatal=True,
+                close_code=TRY_AGAIN_LATER,
+            )
+        viewers = self._viewers.setdefault(source_id, set())
+        source = Source(source_id, kind, self._ready, viewers, self.config, on_final=self.on_final)
+        self.sources[source_id] = source
+        for outbox in viewers:
+            outbox.put(source.ready_message)
+        return source
+
+    def close(self, source: Source) -> None:
+        """The session is over: ``end`` goes to everyone, and the id is free again."""
+        if not source.ended:
+            source.ended = True
+            source.publish({"type": "end"})
+        if self.sources.get(source.id) is source:
+            del self.sources[source.id]
+
+    def watch(self, source_id: str, outbox: Outbox) -> None:
+        self._viewers.setdefault(source_id, set()).add(outbox)
+        if source_id in self.sources:
+            self.sources[source_id].replay(outbox)
+
+    def unwatch(self, source_id: str, outbox: Outbox) -> None:
+        viewers = self._viewers.get(source_id)
+        if viewers is not None:
+            viewers.discard(outbox)
+            if not viewers and source_id not in self.sources:
+                del self._viewers[source_id]
+
+    @property
+    def viewer_count(self) -> int:
+        return sum(len(v) for v in self._viewers.values())

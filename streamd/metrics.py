@@ -1,0 +1,54 @@
+"""Prometheus metrics for ``GET /metrics``: one registry per daemon (tests run several)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from .stream import Job
+
+if TYPE_CHECKING:
+    from .server import Daemon
+
+__all__ = ["Metrics"]
+
+LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0)
+JOB_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+
+
+class Metrics:
+    def __init__(self, daemon: Daemon) -> None:
+        r = self.registry = CollectorRegistry()
+        hub, scheduler = daemon.hub, daemon.scheduler
+        Gauge("streamd_streams", "Live audio sources", registry=r).set_function(lambda: len(hub.sources))
+        Gauge("streamd_viewers", "Connected captions viewers", registry=r).set_function(lambda: hub.viewer_count)
+        Gauge("streamd_streams_waiting", "Streams with audio waiting for the engine", registry=r).set_function(
+            lambda: scheduler.waiting
+        )
+        Gauge("streamd_lag_seconds", "Largest delay between audio arriving and its decode", registry=r).set_function(
+            lambda: max((s.lag for s in hub.sources.values()), default=0.0)
+        )
+        self.audio_seconds = Counter("streamd_audio_seconds", "Seconds of audio received", ["kind"], registry=r)
+        self.final_latency = Histogram(
+            "streamd_final_latency_seconds",
+            "From the arrival of a final's last audio to the final being sent",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "streamd_decode_seconds",
+            "Compute time of one window decode (mel, encoder, decoder, alignment)",
+            ["device", "final"],
+            buckets=JOB_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter("streamd_client_errors", "Protocol errors sent to clients", ["code"], registry=r)
+        self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
+        self._device = daemon.engine.devices.get("encoder", "cpu")
+
+    def observe_job(self, job: Job, seconds: float) -> None:
+        self.job_seconds.labels(self._device, "true" if job.final else "false").observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,256 @@
+"""Protocol v1, sans I/O: the client's start frame, its audio frames, and the server's messages.
+
+Nothing here touches a socket. The server reads a frame, hands it to :func:`parse_start`,
+:func:`parse_control` or an :class:`AudioDecoder`, and sends what :func:`message` builds; a
+client mistake comes back as a :class:`ProtocolError` that says what was wrong, whether the
+stream can go on, and the close code when it cannot.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import soxr
+
+from .stream import Event, Final, Partial, VadChange
+
+__all__ = [
+    "ENCODINGS",
+    "PROTOCOL_VERSION",
+    "AudioDecoder",
+    "AudioFormat",
+    "ProtocolError",
+    "Start",
+    "event_message",
+    "parse_control",
+    "parse_start",
+]
+
+PROTOCOL_VERSION = 1
+SAMPLE_RATE = 16000
+ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+MIN_RATE, MAX_RATE = 8000, 192000
+MAX_CHANNELS = 8
+SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+# Close codes (RFC 6455).
+PROTOCOL_ERROR = 1002
+UNSUPPORTED_DATA = 1003
+POLICY_VIOLATION = 1008
+MESSAGE_TOO_BIG = 1009
+TRY_AGAIN_LATER = 1013
+
+
+class ProtocolError(Exception):
+    """A client mistake: ``code`` for programs, the message for people. A fatal one ends the
+    connection with ``close_code``; a non-fatal one is reported and the stream goes on."""
+
+    def __init__(self, code: str, message: str, fatal: bool = False, close_code: int = PROTOCOL_ERROR) -> None:
+        super().__init__(message)
+        self.code = code
+        self.fatal = fatal
+        self.close_code = close_code
+
+    def message(self) -> dict:
+        return {"type": "error", "code": self.code, "message": str(self), "fatal": self.fatal}
+
+
+@dataclass(frozen=True)
+class AudioFormat:
+    encoding: str = "pcm_s16le"
+    sample_rate: int = SAMPLE_RATE
+    channels: int = 1
+
+    @property
+    def frame_bytes(self) -> int:
+        """Bytes of one sample of every channel."""
+        return ENCODINGS[self.encoding].itemsize * self.channels
+
+
+@dataclass(frozen=True)
+class Start:
+    source: str | None
+    audio: AudioFormat
+    language: str = "en"
+
+
+def _bad_start(message: str, close_code: int = PROTOCOL_ERROR) -> ProtocolError:
+    return ProtocolError("bad_start", message, fatal=True, close_code=close_code)
+
+
+def parse_start(frame: str | bytes, languages: tuple[str, ...] = ("en",)) -> Start:
+    """The first frame of ``/v1/stream``: a JSON ``start`` message."""
+    if isinstance(frame, bytes):
+        raise _bad_start('the first frame must be a text {"type": "start", ...} message, not binary audio')
+    try:
+        msg = json.loads(frame)
+    except ValueError:
+        raise _bad_start('the first frame is not JSON: expected {"type": "start", "protocol": 1, ...}') from None
+    if not isinstance(msg, dict) or msg.get("type") != "start":
+        raise _bad_start(f'the first message must have "type": "start", got {_type_of(msg)}')
+    if msg.get("protocol", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise _bad_start(
+            f"unsupported protocol {msg.get('protocol')!r}: this server speaks protocol {PROTOCOL_VERSION}"
+        )
+    source = msg.get("source")
+    if source is not None and (not isinstance(source, str) or not SOURCE_ID.match(source)):
+        raise _bad_start(
+            f"bad source {source!r}: 1-64 characters of letters, digits and . _ : -, starting with a letter or digit"
+        )
+    language = msg.get("language", "en")
+    if language not in languages:
+        raise ProtocolError(
+            "unsupported_language",
+            f"language {language!r} is not supported by this model (supported: {', '.join(languages)})",
+            fatal=True,
+            close_code=UNSUPPORTED_DATA,
+        )
+    return Start(source, _parse_audio(msg.get("audio", {})), language)
+
+
+def _parse_audio(audio: object) -> AudioFormat:
+    if not isinstance(audio, dict):
+        raise _bad_start('"audio" must be an object like {"encoding": "pcm_s16le", "sample_rate": 16000, ...}')
+    encoding = audio.get("encoding", "pcm_s16le")
+    if encoding not in ENCODINGS:
+        raise ProtocolError(
+            "unsupported_encoding",
+            f"unknown audio encoding {encoding!r}: use one of {', '.join(ENCODINGS)}",
+            fatal=True,
+            close_code=UNSUPPORTED_DATA,
+        )
+    rate, channels = audio.get("sample_rate", SAMPLE_RATE), audio.get("channels", 1)
+    if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE:
+        raise ProtocolError(
+            "unsupported_audio",
+            f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}",
+            fatal=True,
+            close_code=UNSUPPORTED_DATA,
+        )
+    if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= MAX_CHANNELS:
+        raise ProtocolError(
+            "unsupported_audio",
+            f"channels must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}",
+            fatal=True,
+            close_code=UNSUPPORTED_DATA,
+        )
+    return AudioFormat(encoding, rate, channels)
+
+
+def parse_control(frame: str) -> str:
+    """A text frame after the start: only ``{"type": "stop"}`` is defined. Returns the type."""
+    try:
+        msg = json.loads(frame)
+    except ValueError:
+        raise ProtocolError(
+            "bad_message", "text frame is not JSON: audio goes in binary frames, control messages are JSON"
+        ) from None
+    kind = msg.get("type") if isinstance(msg, dict) else None
+    if kind != "stop":
+        raise ProtocolError("unknown_message", f'unknown message {_type_of(msg)}: only {{"type": "stop"}} is defined')
+    return kind
+
+
+def _type_of(msg: object) -> str:
+    if isinstance(msg, dict):
+        return f"type {msg.get('type')!r}" if "type" in msg else "an object without a type"
+    return f"a JSON {type(msg).__name__}"
+
+
+class AudioDecoder:
+    """Binary audio in the client's format → 16 kHz mono float32, resampled as a stream.
+
+    Websocket frames are whole messages, so a frame that is not a whole number of samples is
+    the client's bug: its whole samples are kept and the error says how many bytes were
+    dropped. A byte stream (TCP ingest) splits samples anywhere: ``carry=True`` keeps the
+    remainder for the next chunk instead.
+    """
+
+    def __init__(self, fmt: AudioFormat, max_frame_bytes: int | None = None, carry: bool = False) -> None:
+        self.format = fmt
+        self.max_frame_bytes = max_frame_bytes
+        self.carry = carry
+        self._dtype = ENCODINGS[fmt.encoding]
+        self._scale = 1 / 32768 if fmt.encoding == "pcm_s16le" else 1.0
+        self._pending = b""
+        self._resampler = (
+            None if fmt.sample_rate == SAMPLE_RATE else soxr.ResampleStream(fmt.sample_rate, SAMPLE_RATE, 1)
+        )
+        self.bytes_in = 0
+
+    def decode(self, frame: bytes) -> tuple[np.ndarray, ProtocolError | None]:
+        """Samples of one frame, and a non-fatal error to report (or raises a fatal one)."""
+        if self.max_frame_bytes is not None and len(frame) > self.max_frame_bytes:
+            raise ProtocolError(
+                "frame_too_large",
+                f"audio frame of {len(frame)} bytes exceeds the limit of {self.max_frame_bytes} bytes: "
+                "send at most 1 s per frame",
+                fatal=True,
+                close_code=MESSAGE_TOO_BIG,
+            )
+        self.bytes_in += len(frame)
+        data, error = self._pending + frame, None
+        whole = len(data) - len(data) % self.format.frame_bytes
+        if self.carry:
+            self._pending = data[whole:]
+        elif whole < len(data):
+            error = ProtocolError(
+                "bad_audio",
+                f"audio frame of {len(frame)} bytes is not a whole number of {self.format.frame_bytes}-byte "
+                f"samples ({self.format.encoding}, {self.format.channels} channel(s)): "
+                f"dropped the last {len(data) - whole} bytes",
+            )
+        samples = np.frombuffer(data[:whole], dtype=self._dtype).astype(np.float32)
+        if self._scale != 1.0:
+            samples *= np.float32(self._scale)
+        if self.format.channels > 1:
+            samples = samples.reshape(-1, self.format.channels).mean(axis=1, dtype=np.float32)
+        if not np.all(np.isfinite(samples)):
+            samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+            error = ProtocolError("bad_audio", "audio frame holds NaN or infinite samples: replaced by silence/clipped")
+        return self._resample(samples), error
+
+    def flush(self) -> np.ndarray:
+        """What the resampler still holds, at the end of the stream."""
+        if self._resampler is None:
+            return np.zeros(0, np.float32)
+        return self._resampler.resample_chunk(np.zeros(0, np.float32), last=True).astype(np.float32, copy=False)
+
+    def _resample(self, samples: np.ndarray) -> np.ndarray:
+        if self._resampler is None or not len(samples):
+            return samples
+        return self._resampler.resample_chunk(samples).astype(np.float32, copy=False)
+
+
+def _seconds(t: float) -> float:
+    return round(float(t), 3)
+
+
+def event_message(event: Event) -> dict:
+    """The protocol message for a stream event (without ``seq``: the publisher numbers them)."""
+    if isinstance(event, Final):
+        return {
+            "type": "final",
+            "segment": event.segment,
+            "start": _seconds(event.start),
+            "end": _seconds(event.end),
+            "text": event.text,
+            "words": [
+                {"word": w.word, "start": _seconds(w.start), "end": _seconds(w.end), "p": round(float(w.p), 3)}
+                for w in event.words
+            ],
+        }
+    if isinstance(event, Partial):
+        return {
+            "type": "partial",
+            "segment": event.segment,
+            "start": _seconds(event.start),
+            "end": _seconds(event.end),
+            "text": event.text,
+        }
+    if isinstance(event, VadChange):
+        return {"type": "vad", "speech": event.speech, "t": _seconds(event.t)}
+    raise TypeError(f"not a stream event: {event!r}")

@@ -1,0 +1,110 @@
+"""One engine, many streams: decode jobs run one at a time on a worker thread, most urgent first.
+
+A job is built only when the engine is free (``Stream.next_job`` at dispatch time), so a
+stream that waited decodes its newest audio rather than a stale window, and a busy engine
+degrades into fewer, longer windows instead of a growing queue. Finals (speech has ended)
+go first, then the stream whose audio has waited longest. The event loop never runs model
+code: it only feeds audio and sends messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from .hub import Source
+from .policy import TimedWord
+from .protocol import ProtocolError
+from .stream import Job, run_job
+
+__all__ = ["Scheduler", "SchedulerStats"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SchedulerStats:
+    jobs: int = 0
+    final_jobs: int = 0
+    failures: int = 0
+    busy_s: float = 0.0  # wall time the engine spent on jobs
+    audio_s: float = 0.0  # seconds of window audio decoded (windows overlap: more than the input)
+
+
+class Scheduler:
+    def __init__(self, engine, run: Callable[[object, Job], list[TimedWord]] = run_job) -> None:
+        self.engine = engine
+        self._run = run
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._sources: set[Source] = set()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.stats = SchedulerStats()
+        self.on_job: Callable[[Job, float], None] | None = None  # (job, seconds) for metrics
+
+    def add(self, source: Source) -> None:
+        self._sources.add(source)
+        self.wake()
+
+    def remove(self, source: Source) -> None:
+        self._sources.discard(source)
+
+    def wake(self) -> None:
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    @property
+    def waiting(self) -> int:
+        """Streams with audio waiting for a decode (not counting the one decoding)."""
+        return sum(1 for s in self._sources if not s.stream.busy and (s.stream.final_pending or s.stream.lag > 0.0))
+
+    def _pick(self) -> tuple[Source, Job] | None:
+        order = sorted(self._sources, key=lambda s: (not s.stream.final_pending, -s.stream.lag))
+        for source in order:
+            job = source.stream.next_job()
+            if job is not None:
+                return source, job
+            if source.stream.idle:
+                source.progressed()  # it may have just closed its utterance without a decode
+        return None
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while (picked := self._pick()) is not None:
+                source, job = picked
+                started = time.perf_counter()
+                try:
+                    words = await loop.run_in_executor(self._executor, self._run, self.engine, job)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # a model failure must not take the other streams down
+                    log.exception("decode failed for source %s", source.id)
+                    self.stats.failures += 1
+                    source.publish(ProtocolError("engine_error", f"decoding failed: {exc}").message())
+                    words = []
+                elapsed = time.perf_counter() - started
+                self.stats.jobs += 1
+                self.stats.final_jobs += job.final
+                self.stats.busy_s += elapsed
+                self.stats.audio_s += len(job.audio) / 16000
+                if self.on_job is not None:
+                    self.on_job(job, elapsed)
+                source.emit(source.stream.on_result(job, words))
+                source.progressed()

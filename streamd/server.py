@@ -1,0 +1,436 @@
+"""The asyncio daemon: protocol v1 over websockets, HTTP on the same port, TCP ingest, mic, files.
+
+A thin shell. Each source's audio goes through :class:`~streamd.protocol.AudioDecoder` into its
+:class:`~streamd.hub.Source`; the :class:`~streamd.scheduler.Scheduler` decodes on the shared
+engine off the event loop; messages go out through each client's bounded
+:class:`~streamd.hub.Outbox`. Ingest waits (and so pushes back on the client) only when a
+stream's window is full, which happens only when the engine cannot keep up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .hub import Hub, Message, Outbox, Source
+from .metrics import Metrics
+from .protocol import (
+    POLICY_VIOLATION,
+    SOURCE_ID,
+    AudioDecoder,
+    AudioFormat,
+    ProtocolError,
+    parse_control,
+    parse_start,
+)
+from .scheduler import Scheduler
+from .stream import StreamConfig
+
+__all__ = ["Daemon", "ServerConfig"]
+
+log = logging.getLogger(__name__)
+
+GOING_AWAY = 1001
+NORMAL = 1000
+CHUNK = 1600  # 100 ms: how files and TCP audio are fed
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    tcp_port: int | None = None
+    max_frame_bytes: int = 1 << 20  # one audio frame (the protocol sends at most 1 s)
+    max_queue: int = 256  # messages waiting for one client before it is cut off
+    max_connections: int = 64
+    max_streams: int = 16
+    start_timeout_s: float = 10.0  # for the start frame
+    max_buffer_s: float = 28.0  # a stream's window past which ingest waits for the engine
+    slow_client_grace_s: float = 5.0  # to deliver the slow_client error before the socket is dropped
+    shutdown_timeout_s: float = 30.0  # to finalise every stream on SIGTERM
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+def _json(obj: object) -> bytes:
+    return (json.dumps(obj, indent=1) + "\n").encode()
+
+
+class Daemon:
+    """``await Daemon(engine, config).start()``; ``await daemon.shutdown()`` finalises everything."""
+
+    def __init__(self, engine, config: ServerConfig | None = None) -> None:
+        self.engine = engine
+        self.config = config or ServerConfig()
+        ready = {"model": engine.model_name, "devices": dict(engine.devices)}
+        self.hub = Hub(ready, self.config.stream, self.config.max_streams)
+        self.scheduler = Scheduler(engine)
+        self.metrics = Metrics(self)
+        self.hub.on_final = self.metrics.final_latency.observe
+        self.scheduler.on_job = self.metrics.observe_job
+        self.started = time.time()
+        self.stopping = False
+        self._server: Server | None = None
+        self._tcp: asyncio.Server | None = None
+        self._readers: dict[Source, asyncio.Task] = {}  # ingest tasks, cancelled on shutdown
+        self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
+        self._tasks: set[asyncio.Task] = set()  # file and mic sources
+        self._page = self._load_page()
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        c = self.config
+        self._server = await serve(
+            self._websocket,
+            c.host,
+            c.port,
+            process_request=self._http,
+            max_size=2 * c.max_frame_bytes,  # over our limit: an error message; over this: close 1009
+            server_header="streamd",
+        )
+        if c.tcp_port is not None:
+            self._tcp = await asyncio.start_server(self._tcp_client, c.host, c.tcp_port)
+        log.info("listening on %s", ", ".join(self.addresses))
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def tcp_port(self) -> int | None:
+        return self._tcp.sockets[0].getsockname()[1] if self._tcp is not None else None
+
+    @property
+    def addresses(self) -> list[str]:
+        out = [f"http://{self.config.host}:{self.port}"] if self._server else []
+        if self._tcp is not None:
+            out.append(f"tcp://{self.config.host}:{self.tcp_port}")
+        return out
+
+    async def shutdown(self) -> None:
+        """Stop accepting, finalise every stream (its last finals and ``end`` reach its clients),
+        then close every connection with 1001."""
+        if self.stopping:
+            return
+        self.stopping = True
+        log.info("shutting down: finalising %d stream(s)", len(self.hub.sources))
+        if self._server is not None:
+            self._server.close(close_connections=False)
+        if self._tcp is not None:
+            self._tcp.close()
+        for task in [*self._readers.values(), *self._tasks]:
+            task.cancel()
+        deadline = time.monotonic() + self.config.shutdown_timeout_s
+        while self.hub.sources and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.hub.sources:
+            log.warning("streams not finalised in time: %s", ", ".join(self.hub.sources))
+        for outbox in self._viewers:
+            outbox.close()
+        if self._viewers:
+            await asyncio.wait(list(self._viewers.values()), timeout=5)
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        if self._tcp is not None:
+            await self._tcp.wait_closed()
+        await self.scheduler.stop()
+
+    # --- HTTP --------------------------------------------------------------------------------
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path in ("/v1/stream", "/v1/captions"):
+            if self._server is not None and len(self._server.connections) > self.config.max_connections:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+            return None
+        if path in ("/", "/index.html"):
+            if self._page is None:
+                return connection.respond(HTTPStatus.NOT_FOUND, "captions page not installed\n")
+            return _respond(connection, HTTPStatus.OK, self._page, "text/html; charset=utf-8")
+        if path == "/healthz":
+            return _respond(connection, HTTPStatus.OK, _json(self.health()), "application/json")
+        if path == "/v1/sources":
+            return _respond(connection, HTTPStatus.OK, _json({"sources": self.sources()}), "application/json")
+        if path == "/metrics":
+            body, content_type = self.metrics.render()
+            return _respond(connection, HTTPStatus.OK, body, content_type)
+        return connection.respond(HTTPStatus.NOT_FOUND, f"no such path {path}: see / and /healthz\n")
+
+    def sources(self) -> list[dict]:
+        return [
+            {"id": s.id, "kind": s.kind, "session": s.session, "live": True, "time": round(s.stream.time, 2)}
+            for s in self.hub.sources.values()
+        ]
+
+    def health(self) -> dict:
+        stats = self.scheduler.stats
+        lags = [s.lag for s in self.hub.sources.values()]
+        return {
+            "status": "stopping" if self.stopping else "ok",
+            "model": self.engine.model_name,
+            "devices": dict(self.engine.devices),
+            "uptime_s": round(time.time() - self.started, 1),
+            "streams": [
+                {**info, "lag_s": round(s.lag, 3), "finals": s.finals}
+                for info, s in zip(self.sources(), self.hub.sources.values(), strict=True)
+            ],
+            "viewers": self.hub.viewer_count,
+            "lag_s": round(max(lags, default=0.0), 3),
+            "engine": {"jobs": stats.jobs, "failures": stats.failures, "busy_s": round(stats.busy_s, 2)},
+        }
+
+    @staticmethod
+    def _load_page() -> bytes | None:
+        try:
+            return (resources.files("streamd") / "web" / "index.html").read_bytes()
+        except (FileNotFoundError, OSError):
+            return None
+
+    # --- websockets --------------------------------------------------------------------------
+
+    async def _websocket(self, ws: ServerConnection) -> None:
+        url = urlsplit(ws.request.path)
+        if url.path == "/v1/stream":
+            await self._stream_client(ws)
+        else:
+            await self._viewer(ws, parse_qs(url.query).get("source", [""])[0])
+
+    async def _stream_client(self, ws: ServerConnection) -> None:
+        """``/v1/stream``: a client that sends audio and receives its own transcript."""
+        outbox = Outbox(self.config.max_queue)
+        sender = self._sender(ws, outbox)
+        try:
+            start = parse_start(await asyncio.wait_for(ws.recv(), self.config.start_timeout_s))
+            source = self.hub.open(start.source, "websocket")
+        except TimeoutError:
+            err = ProtocolError("bad_start", f"no start message within {self.config.start_timeout_s:g} s", True)
+            return await self._refuse(ws, outbox, sender, err, POLICY_VIOLATION)
+        except ProtocolError as err:
+            self.metrics.errors.labels(err.code).inc()
+            return await self._refuse(ws, outbox, sender, err, err.close_code)
+        except ConnectionClosed:
+            outbox.close()
+            return
+        source.owner = outbox
+        outbox.put(source.ready_message)
+        fatal = await self._run_source(source, self._read_websocket(ws, source, start.audio))
+        outbox.close()
+        await sender
+        if fatal is not None:
+            await ws.close(fatal.close_code, str(fatal)[:120])
+        else:
+            await ws.close(GOING_AWAY if self.stopping else NORMAL)
+
+    async def _read_websocket(self, ws: ServerConnection, source: Source, fmt: AudioFormat) -> ProtocolError | None:
+        decoder = AudioDecoder(fmt, self.config.max_frame_bytes)
+        try:
+            async for frame in ws:
+                if isinstance(frame, str):
+                    try:
+                        if parse_control(frame) == "stop":
+                            break
+                    except ProtocolError as err:
+                        self._client_error(source, err)
+                    continue
+                try:
+                    samples, err = decoder.decode(frame)
+                except ProtocolError as fatal:
+                    self._client_error(source, fatal)
+                    return fatal
+                if err is not None:
+                    self._client_error(source, err)
+                await self._feed(source, samples)
+        except ConnectionClosed:
+            log.info("source %s: client went away mid-stream; finalising what it sent", source.id)
+        await self._feed(source, decoder.flush())
+        return None
+
+    async def _refuse(self, ws, outbox: Outbox, sender: asyncio.Task, err: ProtocolError, code: int) -> None:
+        outbox.put(Message("error", json.dumps({**err.message(), "seq": 0})))
+        outbox.close()
+        await sender
+        await ws.close(code, str(err)[:120])
+
+    def _client_error(self, source: Source, err: ProtocolError) -> None:
+        self.metrics.errors.labels(err.code).inc()
+        log.info("source %s: %s: %s", source.id, err.code, err)
+        source.error(err)
+
+    async def _viewer(self, ws: ServerConnection, source_id: str) -> None:
+        """``/v1/captions?source=ID``: receives one source's messages, across its sessions."""
+        outbox = Outbox(self.config.max_queue)
+        sender = self._sender(ws, outbox)
+        if not SOURCE_ID.match(source_id):
+            err = ProtocolError("bad_request", "use /v1/captions?source=ID with a source id", True, POLICY_VIOLATION)
+            return await self._refuse(ws, outbox, sender, err, POLICY_VIOLATION)
+        self._viewers[outbox] = sender
+        self.hub.watch(source_id, outbox)
+        try:
+            async for _ in ws:
+                err = ProtocolError("read_only", "captions viewers only receive; send audio to /v1/stream")
+                outbox.put(Message("error", json.dumps({**err.message(), "seq": 0})))
+        except ConnectionClosed:
+            pass
+        finally:
+            self.hub.unwatch(source_id, outbox)
+            self._viewers.pop(outbox, None)
+            outbox.close()
+            await sender
+
+    def _sender(self, ws: ServerConnection, outbox: Outbox) -> asyncio.Task:
+        """Deliver ``outbox`` to ``ws``; if it overflows, one ``slow_client`` error, then close."""
+
+        async def deliver() -> None:
+            try:
+                while (message := await outbox.get()) is not None:
+                    await ws.send(message.text)
+            except ConnectionClosed:
+                return
+            except asyncio.CancelledError:
+                if not outbox.overflowed:
+                    raise
+            if outbox.overflowed:
+                self.metrics.slow_clients.inc()
+                log.warning("client %s cut off: more than %d messages waiting", ws.remote_address, outbox.limit)
+                err = ProtocolError("slow_client", f"more than {outbox.limit} finals waiting: reading too slowly", True)
+                with contextlib.suppress(ConnectionClosed, TimeoutError):
+                    await asyncio.wait_for(ws.send(json.dumps({**err.message(), "seq": 0})), 1.0)
+                ws.close_timeout = self.config.slow_client_grace_s
+                with contextlib.suppress(ConnectionClosed):
+                    await ws.close(POLICY_VIOLATION, "client too slow")
+
+        task = asyncio.create_task(deliver())
+        outbox.on_overflow = task.cancel  # a send blocked on a full socket must not hide the overflow
+        return task
+
+    # --- sources -----------------------------------------------------------------------------
+
+    async def _run_source(self, source: Source, read) -> ProtocolError | None:
+        """Run ``read`` (the ingest) until it ends, the client goes or the daemon stops; then
+        finalise: the last finals and ``end`` are queued to every receiver before this returns."""
+        self.scheduler.add(source)
+        reader = asyncio.ensure_future(read)
+        self._readers[source] = reader
+        result = None
+        try:
+            await asyncio.wait({reader})
+            if not reader.cancelled():
+                if reader.exception() is not None:
+                    log.error("source %s: ingest failed", source.id, exc_info=reader.exception())
+                    source.publish(ProtocolError("internal_error", f"ingest failed: {reader.exception()}").message())
+                else:
+                    result = reader.result()
+        finally:
+            self._readers.pop(source, None)
+            source.finish()
+            self.scheduler.wake()
+            while not source.stream.idle:
+                await source.wait_progress()
+            self.hub.close(source)
+            self.scheduler.remove(source)
+        return result
+
+    async def _feed(self, source: Source, samples: np.ndarray) -> None:
+        while source.stream.buffered > self.config.max_buffer_s:
+            await source.wait_progress()  # the engine is behind: stop reading, push back
+        source.feed(samples)
+        self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / 16000)
+        self.scheduler.wake()
+
+    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Raw ingest: s16le 16 kHz mono in, the same messages as newline-delimited JSON out."""
+        outbox = Outbox(self.config.max_queue)
+
+        async def deliver() -> None:
+            with contextlib.suppress(ConnectionError):
+                while (message := await outbox.get()) is not None:
+                    writer.write(message.text.encode() + b"\n")
+                    await writer.drain()
+                if outbox.overflowed:
+                    err = ProtocolError("slow_client", f"more than {outbox.limit} finals waiting", True)
+                    writer.write(json.dumps({**err.message(), "seq": 0}).encode() + b"\n")
+
+        sender = asyncio.create_task(deliver())
+        outbox.on_overflow = sender.cancel
+        try:
+            source = self.hub.open(None, "tcp")
+        except ProtocolError as err:
+            outbox.put(Message("error", json.dumps({**err.message(), "seq": 0})))
+            source = None
+        if source is not None:
+            source.owner = outbox
+            outbox.put(source.ready_message)
+            await self._run_source(source, self._read_tcp(reader, source))
+        outbox.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        with contextlib.suppress(ConnectionError):
+            writer.close()
+            await writer.wait_closed()
+
+    async def _read_tcp(self, reader: asyncio.StreamReader, source: Source) -> None:
+        decoder = AudioDecoder(AudioFormat(), carry=True)
+        with contextlib.suppress(ConnectionError):
+            while chunk := await reader.read(2 * CHUNK):
+                samples, _ = decoder.decode(chunk)
+                await self._feed(source, samples)
+
+    def play(self, source_id: str, kind: str, chunks: AsyncIterator[np.ndarray]) -> asyncio.Task:
+        """Run a server-side source (a file, the microphone) until its audio ends."""
+        source = self.hub.open(source_id, kind)
+
+        async def read() -> None:
+            async for samples in chunks:
+                await self._feed(source, samples)
+
+        task = asyncio.create_task(self._run_source(source, read()))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+async def file_chunks(audio: np.ndarray, realtime: bool) -> AsyncIterator[np.ndarray]:
+    """A recording, 100 ms at a time: at the pace it was spoken, or as fast as the engine takes it."""
+    started = time.monotonic()
+    for i in range(0, len(audio), CHUNK):
+        if realtime:
+            delay = started + (i + CHUNK) / 16000 - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        else:
+            await asyncio.sleep(0)
+        yield audio[i : i + CHUNK]
+
+
+def source_id_for(path: Path) -> str:
+    """A file's source id: its stem, made to fit the id rules."""
+    stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in path.stem).lstrip("._-:")
+    return stem[:64] or "file"
+
+
+def _respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    response = connection.respond(status, "")
+    del response.headers["Content-Type"]
+    del response.headers["Content-Length"]
+    response.headers["Content-Type"] = content_type
+    response.headers["Content-Length"] = str(len(body))
+    response.headers["Cache-Control"] = "no-store"
+    response.body = body
+    return response
