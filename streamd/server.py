@@ -146,7 +146,10 @@ class Daemon:
         if self._viewers:
             await asyncio.wait(list(self._viewers.values()), timeout=5)
         if self._server is not None:
-            self._server.close(close_connections=True)
+            # Server.close() is idempotent: the close above stopped the listener; now the rest.
+            closing = [asyncio.create_task(ws.close(GOING_AWAY)) for ws in self._server.connections]
+            if closing:
+                await asyncio.wait(closing, timeout=10)
             await self._server.wait_closed()
         if self._tcp is not None:
             await self._tcp.wait_closed()

@@ -133,7 +133,8 @@ class Stream:
         for region in self._vad.feed(samples):
             if region.end is None:
                 self._region_start = region.start
-                self._trim_to(max(self._buffer_start, region.start))
+                if self._speech_end is None:  # else the last utterance still waits for its final
+                    self._trim_to(max(self._buffer_start, region.start))
                 events.append(VadChange(True, region.start))
             else:
                 self._speech_end = region.end

@@ -1,0 +1,155 @@
+"""Streaming benchmark over the wire: real `streamd serve`, protocol v1, real-time pace.
+
+Starts the daemon as a subprocess (or uses --url), replays each recording at the pace it was
+spoken in 100 ms frames, and prints per file and overall:
+
+- final latency: when a final arrives minus when the audio at the final's ``end`` was sent;
+- partial latency: likewise for partials (their ``end``);
+- WER of the joined finals against the reference (jiwer + Whisper's English normaliser);
+- daemon CPU seconds per audio second (/proc of the daemon process, all its threads);
+- with ``--silence S``: daemon CPU over S seconds of a silent room (2% of a core is the bar).
+
+    python benchmarks/stream_ws.py [FILE...] [--streams N] [--silence 60] [--update-s 0.5]
+
+Default file: the 3-minute Shakespeare reading of the dev corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+from websockets.asyncio.client import connect
+from whisper_normalizer.english import EnglishTextNormalizer
+
+from streamd.audio import load_audio
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
+DEFAULT = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
+CHUNK_S = 0.1
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+async def replay(url: str, audio: np.ndarray, source: str) -> dict:
+    """One client streaming ``audio`` in real time; returns what arrived and when."""
+    chunk = round(CHUNK_S * 16000)
+    sent_at: list[float] = []  # wall time when chunk i (ending at stream time (i+1)*CHUNK_S) was sent
+    finals, partials = [], []
+    async with connect(url, max_size=None) as ws:
+        await ws.send(json.dumps({"type": "start", "protocol": 1, "source": source,
+                                  "audio": {"encoding": "pcm_f32le", "sample_rate": 16000}}))  # fmt: skip
+
+        async def receive() -> None:
+            async for frame in ws:
+                msg, now = json.loads(frame), time.perf_counter()
+                if msg["type"] == "final":
+                    finals.append((now, msg))
+                elif msg["type"] == "partial":
+                    partials.append((now, msg))
+                elif msg["type"] == "error":
+                    print(f"  {source}: error {msg}", file=sys.stderr)
+
+        receiving = asyncio.create_task(receive())
+        t0 = time.perf_counter()
+        for i in range(0, len(audio), chunk):
+            delay = t0 + i / 16000 - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await ws.send(audio[i : i + chunk].astype("<f4").tobytes())
+            sent_at.append(time.perf_counter())
+        await ws.send(json.dumps({"type": "stop"}))
+        await receiving
+
+    def latency(arrived: float, end: float) -> float:
+        i = min(max(int(np.ceil(end / CHUNK_S)) - 1, 0), len(sent_at) - 1)
+        return arrived - sent_at[i]
+
+    return {
+        "final_latency": [latency(t, m["end"]) for t, m in finals],
+        "partial_latency": [latency(t, m["end"]) for t, m in partials],
+        "text": " ".join(m["text"] for _, m in finals),
+        "finals": len(finals),
+        "partials": len(partials),
+    }
+
+
+def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "streamd", "serve", "--port", "0", "--update-s", str(args.update_s), "--log-level",
+           "warning", "--max-streams", str(max(16, args.streams))]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if m := re.search(r"serving .* on http://([\d.]+):(\d+)", line):
+            return proc, f"ws://{m[1]}:{m[2]}/v1/stream"
+    raise SystemExit(f"daemon did not start: {proc.wait()}")
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    normalise = EnglishTextNormalizer()
+    proc, url = (None, args.url) if args.url else start_daemon(args)
+    pid = args.pid or (proc.pid if proc else None)
+    try:
+        if args.silence and pid:
+            silence = np.random.default_rng(0).normal(0, 3e-4, round(args.silence * 16000)).astype(np.float32)
+            c0 = cpu_seconds(pid)
+            await replay(url, silence, "silence")
+            used = cpu_seconds(pid) - c0
+            print(f"silence {args.silence:.0f} s: daemon CPU {used:.2f} s = {100 * used / args.silence:.2f}% of a core")
+        rows = []
+        for path in args.files:
+            audio = load_audio(path)
+            ref = normalise(Path(path).with_suffix(".txt").read_text(encoding="utf-8"))
+            c0 = cpu_seconds(pid) if pid else 0.0
+            results = await asyncio.gather(*(replay(url, audio, f"bench-{i}") for i in range(args.streams)))
+            cpu = (cpu_seconds(pid) - c0) if pid else float("nan")
+            audio_s = len(audio) / 16000 * args.streams
+            finals = [x for r in results for x in r["final_latency"]]
+            partials = [x for r in results for x in r["partial_latency"]]
+            wers = [jiwer.wer(ref, normalise(r["text"])) for r in results]
+            rows.append((Path(path).stem[:44], len(audio) / 16000, args.streams, statistics.median(finals),
+                         percentile(finals, 90), max(finals), statistics.median(partials), percentile(partials, 90),
+                         100 * statistics.mean(wers), cpu / audio_s))  # fmt: skip
+        header = ("file", "audio s", "streams", "final med", "final p90", "final max", "partial med", "partial p90",
+                  "WER %", "CPU s/s")  # fmt: skip
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for r in rows:
+            print(f"| {r[0]} | {r[1]:.0f} | {r[2]} | " + " | ".join(f"{v:.2f}" for v in r[3:]) + " |")
+    finally:
+        if proc:
+            proc.terminate()
+            proc.wait(timeout=30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="*", default=[str(DEFAULT)])
+    p.add_argument("--url", help="a running daemon's ws://.../v1/stream (default: start one)")
+    p.add_argument("--pid", type=int, help="the running daemon's pid, for CPU (with --url)")
+    p.add_argument("--streams", type=int, default=1, help="concurrent clients per file, each the same audio")
+    p.add_argument("--silence", type=float, default=0.0, metavar="S", help="first measure S seconds of silence")
+    p.add_argument("--update-s", type=float, default=0.5)
+    asyncio.run(main_async(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
