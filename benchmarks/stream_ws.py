@@ -93,9 +93,21 @@ async def replay(url: str, audio: np.ndarray, source: str) -> dict:
     }
 
 
+def fetch_health(url: str) -> dict | None:
+    import urllib.request
+
+    base = url.replace("ws://", "http://").split("/v1/")[0]
+    try:
+        with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
+            return json.load(r)
+    except OSError:
+        return None
+
+
 def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "streamd", "serve", "--port", "0", "--update-s", str(args.update_s), "--log-level",
-           "warning", "--max-streams", str(max(16, args.streams))]  # fmt: skip
+    cmd = [sys.executable, "-m", "streamd", "serve", "--port", "0", "--log-level", "warning",
+           "--update-s", str(args.update_s), "--threads", str(args.threads),
+           "--max-streams", str(max(16, args.streams))]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
         if m := re.search(r"serving .* on http://([\d.]+):(\d+)", line):
@@ -125,9 +137,20 @@ async def main_async(args: argparse.Namespace) -> None:
             finals = [x for r in results for x in r["final_latency"]]
             partials = [x for r in results for x in r["partial_latency"]]
             wers = [jiwer.wer(ref, normalise(r["text"])) for r in results]
+            if args.dump:
+                Path(args.dump).mkdir(parents=True, exist_ok=True)
+                for i, r in enumerate(results):
+                    (Path(args.dump) / f"{Path(path).stem}.{i}.txt").write_text(r["text"] + "\n", encoding="utf-8")
             rows.append((Path(path).stem[:44], len(audio) / 16000, args.streams, statistics.median(finals),
                          percentile(finals, 90), max(finals), statistics.median(partials), percentile(partials, 90),
                          100 * statistics.mean(wers), cpu / audio_s))  # fmt: skip
+        health = await asyncio.to_thread(fetch_health, url)
+        if health:
+            e = health["engine"]
+            print(
+                f"pipeline: engine busy {e['busy_s']:.1f} s over {e['jobs']} jobs; mel frames {e['mel_s']:.2f} s, "
+                f"{e['mel_overlap_s']:.2f} s of it while the engine ran; window assembly {e['window_mel_s']:.2f} s"
+            )
         header = ("file", "audio s", "streams", "final med", "final p90", "final max", "partial med", "partial p90",
                   "WER %", "CPU s/s")  # fmt: skip
         print("| " + " | ".join(header) + " |")
@@ -148,6 +171,8 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=1, help="concurrent clients per file, each the same audio")
     p.add_argument("--silence", type=float, default=0.0, metavar="S", help="first measure S seconds of silence")
     p.add_argument("--update-s", type=float, default=0.5)
+    p.add_argument("--threads", type=int, default=1, help="the daemon's --threads")
+    p.add_argument("--dump", metavar="DIR", help="write each stream's joined finals there")
     asyncio.run(main_async(p.parse_args()))
 
 

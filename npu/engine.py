@@ -192,24 +192,35 @@ class Engine:
         )
         return merge_punctuations(words)
 
+    def window_padding(self, num_samples: int, min_frames: int | None = None) -> int:
+        """Zero samples :meth:`continue_window` appends to a window of ``num_samples``: only as
+        much trailing silence as the encoder will use (an update runs every fraction of a second,
+        and a 30 s pad would triple the STFT work of a short window)."""
+        num_frames = min(num_samples // HOP_LENGTH, N_FRAMES)
+        minimum = self.min_window_frames if min_frames is None else min_frames
+        return (max(minimum - num_frames, 0) + self.tail_frames + 1) * HOP_LENGTH
+
     def continue_window(
-        self, audio: np.ndarray, prompt: list[int], prefix: list[int], min_frames: int | None = None
+        self,
+        audio: np.ndarray,
+        prompt: list[int],
+        prefix: list[int],
+        min_frames: int | None = None,
+        mel: np.ndarray | None = None,
     ) -> list[WordTiming]:
         """Decode ``audio`` (at most 30 s) after a forced ``prefix`` of tokens already known for
         its start; return the timed words that follow the prefix (times relative to the audio).
 
         For streaming: the prefix goes through the decoder in one batched pass, so an update
         costs decoder steps only for the new words. No timestamps are decoded (word times come
-        from the alignment heads); a loop is cut where it starts.
+        from the alignment heads); a loop is cut where it starts. ``mel``, when given, is the
+        window's mel computed ahead: ``audio`` followed by :meth:`window_padding` zeros.
         """
         num_frames = min(len(audio) // HOP_LENGTH, N_FRAMES)
         if num_frames < 2:
             return []
-        # Only as much trailing silence as the window will use: an update runs every fraction
-        # of a second, and a 30 s pad would triple the STFT work of a short window.
-        minimum = self.min_window_frames if min_frames is None else min_frames
-        padding = (max(minimum - num_frames, 0) + self.tail_frames + 1) * HOP_LENGTH
-        mel = self.backend.log_mel(audio, padding=padding)
+        if mel is None:
+            mel = self.backend.log_mel(audio, padding=self.window_padding(len(audio), min_frames))
         window = self.encode(mel[:, :N_FRAMES], num_frames=num_frames, min_frames=min_frames)
         options = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
         result = self._decode_at(window, options, 0.0)

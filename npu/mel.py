@@ -101,3 +101,124 @@ def log_mel(audio: np.ndarray, n_mels: int = 80, padding: int = 0) -> np.ndarray
     log_spec += np.float32(4.0)
     log_spec /= np.float32(4.0)
     return log_spec
+
+
+def _log10_mel(power: np.ndarray, n_mels: int) -> np.ndarray:
+    spec = mel_filters(n_mels) @ power
+    np.maximum(spec, np.float32(1e-10), out=spec)
+    return np.log10(spec, out=spec)
+
+
+def _normalise(log_spec: np.ndarray) -> np.ndarray:
+    np.maximum(log_spec, log_spec.max() - np.float32(8.0), out=log_spec)
+    log_spec += np.float32(4.0)
+    log_spec /= np.float32(4.0)
+    return log_spec
+
+
+class StreamingMel:
+    """Log-mel of a growing signal, computed as it arrives: each chunk costs only its own frames.
+
+    For live streams, whose window is decoded again every half second: the frames of audio
+    already seen are kept (unnormalised log10), so a window's mel is a slice of them, its last
+    two frames (which see the window's end), silence, and Whisper's normalisation. Frames are
+    indexed from the stream's first sample, so windows must start on a hop (160 samples).
+
+    One difference from :func:`log_mel` on the window's audio: a window's first two frames see
+    the real audio before it rather than a reflection of its start.
+    """
+
+    def __init__(self, n_mels: int = 80) -> None:
+        self.n_mels = n_mels
+        self._audio = np.zeros(0, np.float32)  # samples from self._audio_start on
+        self._audio_start = 0
+        self._frames = np.zeros((n_mels, 0), np.float32)  # frames from self._first on
+        self._first = 0
+        self.seconds = 0.0  # compute time spent in push (for the pipeline's overlap figure)
+
+    @property
+    def received(self) -> int:
+        return self._audio_start + len(self._audio)
+
+    def _next_frame(self) -> int:
+        return self._first + self._frames.shape[1]
+
+    def push(self, samples: np.ndarray) -> None:
+        """Take the next samples; computes every frame whose 400 samples have now all arrived."""
+        import time
+
+        started = time.perf_counter()
+        self._audio = np.concatenate([self._audio, np.asarray(samples, np.float32)])
+        pad = N_FFT // 2
+        first, last = self._next_frame(), (self.received - pad) // HOP_LENGTH  # frames [first, last)
+        if first < 2:  # frames 0 and 1 reach before the stream: reflect its start, as log_mel does
+            if self.received > pad + 2 * HOP_LENGTH:
+                head = _log10_mel(power_spectrogram(self._audio[: 2 * HOP_LENGTH + pad + 1])[:, :2], self.n_mels)
+                self._frames = np.concatenate([self._frames, head[:, first:]], axis=1)
+            first = self._next_frame()
+        if last > first:
+            lo = first * HOP_LENGTH - pad - self._audio_start
+            hi = (last - 1) * HOP_LENGTH + pad - self._audio_start
+            frames = np.lib.stride_tricks.sliding_window_view(self._audio[lo:hi], N_FFT)[::HOP_LENGTH]
+            spectrum = np.fft.rfft(frames * _hann(), axis=-1)
+            power = (spectrum.real**2 + spectrum.imag**2).T.astype(np.float32)
+            self._frames = np.concatenate([self._frames, _log10_mel(power, self.n_mels)], axis=1)
+        # Keep only the audio the next frames (and a window's last frames) will need.
+        keep = max(0, self._next_frame() * HOP_LENGTH - pad - self._audio_start - N_FFT)
+        if keep:
+            self._audio = self._audio[keep:]
+            self._audio_start += keep
+        self.seconds += time.perf_counter() - started
+
+    def trim(self, start: int) -> None:
+        """Frames before sample ``start`` will not be asked for again."""
+        drop = min(start // HOP_LENGTH - self._first, self._frames.shape[1])
+        if drop > 0:
+            self._frames = self._frames[:, drop:]
+            self._first += drop
+
+    def reset(self, start: int) -> None:
+        """Start over at sample ``start`` (a multiple of 160): after a silence nothing was pushed."""
+        if start % HOP_LENGTH:
+            raise ValueError(f"the cache must start on a hop of {HOP_LENGTH} samples, not at sample {start}")
+        self._audio = np.zeros(0, np.float32)
+        self._audio_start = start
+        # The first two frames would need audio before ``start``: a window computes them itself.
+        self._first = start // HOP_LENGTH + 2
+        self._frames = np.zeros((self.n_mels, 0), np.float32)
+        self._audio_start = start
+
+    def window(self, start: int, audio: np.ndarray, padding: int) -> np.ndarray:
+        """Normalised mel of ``audio`` (the stream from sample ``start``, a multiple of 160) followed
+        by ``padding`` zero samples: ``[n_mels, (len(audio) + padding) // 160]``, as
+        ``log_mel(audio, padding=padding)`` gives it (but for the first two frames, see above)."""
+        if start % HOP_LENGTH:
+            raise ValueError(f"a window must start on a hop of {HOP_LENGTH} samples, not at sample {start}")
+        a = start // HOP_LENGTH
+        total = (len(audio) + padding) // HOP_LENGTH
+        pad = N_FFT // 2
+        inside = min(max(0, (len(audio) - pad) // HOP_LENGTH + 1), total)  # frames within the audio
+        head = min(max(0, self._first - a), inside)  # before the cache starts
+        cached = head + max(0, min(inside, self._next_frame() - a) - head)
+        edge_end = min(total, (len(audio) + pad) // HOP_LENGTH + 1)  # frames that see any audio
+        out = np.full((self.n_mels, total), np.float32(np.log10(1e-10)), np.float32)
+        if head:
+            out[:, :head] = self._compute(audio, 0, head)
+        if cached > head:
+            out[:, head:cached] = self._frames[:, a + head - self._first : a + cached - self._first]
+        if edge_end > cached:
+            out[:, cached:edge_end] = self._compute(audio, cached, edge_end)
+        return _normalise(out)
+
+    def _compute(self, audio: np.ndarray, j0: int, j1: int) -> np.ndarray:
+        """Frames ``[j0, j1)`` of ``audio`` on its own: reflected before it, zeros after it."""
+        pad = N_FFT // 2
+        lo = j0 * HOP_LENGTH - pad
+        chunk = np.zeros((j1 - 1 - j0) * HOP_LENGTH + N_FFT, np.float32)
+        src = audio[max(lo, 0) : max(lo + len(chunk), 0)]
+        chunk[max(0, -lo) : max(0, -lo) + len(src)] = src
+        if lo < 0 and len(audio) > -lo:
+            chunk[:-lo] = audio[1 : 1 - lo][::-1]
+        frames = np.lib.stride_tricks.sliding_window_view(chunk, N_FFT)[::HOP_LENGTH]
+        spectrum = np.fft.rfft(frames * _hann(), axis=-1)
+        return _log10_mel((spectrum.real**2 + spectrum.imag**2).T.astype(np.float32), self.n_mels)

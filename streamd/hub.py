@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from npu.mel import StreamingMel
+
 from .protocol import POLICY_VIOLATION, PROTOCOL_VERSION, TRY_AGAIN_LATER, ProtocolError, event_message
 from .stream import Event, Final, Partial, Stream, StreamConfig
 
@@ -108,6 +110,8 @@ class Source:
         self.kind = kind
         self.session = uuid.uuid4().hex[:12]
         self.stream = Stream(config)
+        self.mel = StreamingMel()  # the stream's mel, computed as audio arrives (pipeline's first stage)
+        self.mel_sent = 0  # stream samples handed to ``mel`` so far
         self.started = time.time()
         self.seq = 0
         self.owner: Outbox | None = None  # the client that sends the audio, if any

@@ -34,13 +34,22 @@ class SchedulerStats:
     failures: int = 0
     busy_s: float = 0.0  # wall time the engine spent on jobs
     audio_s: float = 0.0  # seconds of window audio decoded (windows overlap: more than the input)
+    mel_s: float = 0.0  # mel frames computed as audio arrived (the pipeline's first stage)
+    mel_overlap_s: float = 0.0  # ... of which while the engine was running a job
+    window_mel_s: float = 0.0  # assembling a job's mel from those frames, at dispatch
 
 
 class Scheduler:
-    def __init__(self, engine, run: Callable[[object, Job], list[TimedWord]] = run_job) -> None:
+    """Two stages on two threads, double-buffered: the mel thread turns each stream's new audio
+    into mel frames as it arrives, while the engine thread encodes and decodes; a job's window
+    mel is then a slice of frames already computed."""
+
+    def __init__(self, engine, run: Callable[..., list[TimedWord]] = run_job) -> None:
         self.engine = engine
         self._run = run
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._mel_executor = ThreadPoolExecutor(1, thread_name_prefix="mel")
+        self._engine_busy = False
         self._sources: set[Source] = set()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -66,6 +75,44 @@ class Scheduler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        self._mel_executor.shutdown(wait=True)
+
+    def push_audio(self, source: Source) -> None:
+        """Queue the mel of ``source``'s new audio on the mel thread; nothing while it is silent."""
+        stream = source.stream
+        if stream.idle:
+            return
+        start = stream.buffer_start_sample
+        if source.mel_sent < start:  # after a silence: the cache starts again with the pre-roll
+            self._mel_executor.submit(source.mel.reset, start)
+            source.mel_sent = start
+        audio = stream.audio_from(source.mel_sent)
+        source.mel_sent = stream.received
+        self._mel_executor.submit(self._push, source, audio)
+
+    def _push(self, source: Source, audio) -> None:
+        busy, started = self._engine_busy, time.perf_counter()
+        source.mel.push(audio)
+        elapsed = time.perf_counter() - started
+        self.stats.mel_s += elapsed
+        if busy:
+            self.stats.mel_overlap_s += elapsed
+
+    def _window_mel(self, source: Source, job: Job):
+        """The job's mel from the frames computed ahead (on the mel thread, after pending pushes)."""
+        started = time.perf_counter()
+        padding = self.engine.window_padding(len(job.audio), round(job.min_window_s * 100))
+        mel = source.mel.window(job.start_sample, job.audio, padding)
+        source.mel.trim(job.start_sample)
+        self.stats.window_mel_s += time.perf_counter() - started
+        return mel
+
+    def _job(self, job: Job, mel) -> list[TimedWord]:
+        self._engine_busy = True
+        try:
+            return self._run(self.engine, job, mel)
+        finally:
+            self._engine_busy = False
 
     @property
     def waiting(self) -> int:
@@ -91,7 +138,8 @@ class Scheduler:
                 source, job = picked
                 started = time.perf_counter()
                 try:
-                    words = await loop.run_in_executor(self._executor, self._run, self.engine, job)
+                    mel = await loop.run_in_executor(self._mel_executor, self._window_mel, source, job)
+                    words = await loop.run_in_executor(self._executor, self._job, job, mel)
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # a model failure must not take the other streams down

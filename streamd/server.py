@@ -196,7 +196,14 @@ class Daemon:
             ],
             "viewers": self.hub.viewer_count,
             "lag_s": round(max(lags, default=0.0), 3),
-            "engine": {"jobs": stats.jobs, "failures": stats.failures, "busy_s": round(stats.busy_s, 2)},
+            "engine": {
+                "jobs": stats.jobs,
+                "failures": stats.failures,
+                "busy_s": round(stats.busy_s, 3),
+                "mel_s": round(stats.mel_s, 3),
+                "mel_overlap_s": round(stats.mel_overlap_s, 3),
+                "window_mel_s": round(stats.window_mel_s, 3),
+            },
         }
 
     @staticmethod
@@ -354,6 +361,7 @@ class Daemon:
         while source.stream.buffered > self.config.max_buffer_s:
             await source.wait_progress()  # the engine is behind: stop reading, push back
         source.feed(samples)
+        self.scheduler.push_audio(source)
         self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / 16000)
         self.scheduler.wake()
 

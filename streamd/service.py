@@ -35,6 +35,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),
     "vad_aggressiveness": (int, 2, "webrtcvad aggressiveness 0 (lenient) to 3 (strict)"),
     "update_s": (float, 0.5, "new speech before a window is decoded again (latency vs CPU)"),
+    "threads": (int, 1, "BLAS threads for the engine: 1 costs the least CPU per stream, more cut latency"),
     "max_frame_bytes": (int, 1 << 20, "largest audio frame accepted"),
     "max_queue": (int, 256, "messages waiting for one client before it is cut off"),
     "max_connections": (int, 64, "websocket connections at once"),
@@ -83,6 +84,8 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
             values[name] = getattr(args, name)
     if values["vad_aggressiveness"] not in (0, 1, 2, 3):
         raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
+    if int(values["threads"]) < 1:
+        raise ConfigError(f"threads must be at least 1, got {values['threads']}")
     if not 0.1 <= float(values["update_s"]) <= 5.0:
         raise ConfigError(f"update_s must be from 0.1 to 5, got {values['update_s']}")
     return values
@@ -109,6 +112,7 @@ def serve_main(args: argparse.Namespace) -> int:
     from npu.engine import Engine
     from npu.weights import ModelError
 
+    _limit_blas_threads(int(values["threads"]))
     try:
         engine = Engine.load(values["model"], backend=str(values["backend"]))
     except ModelError as e:
@@ -119,6 +123,15 @@ def serve_main(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address does not exist, ...
         print(f"streamd: cannot listen: {e}", file=sys.stderr)
         return 1
+
+
+def _limit_blas_threads(threads: int) -> None:
+    """Live decoding is many small products: a second OpenBLAS thread mostly spins there.
+    Measured on the 2-core build machine (BENCHMARKS.md): 2 threads 0.80 CPU-s per audio second,
+    1 thread 0.46, for 0.06 s more final latency."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
 
 
 async def _serve(engine, values: dict[str, object]) -> int:

@@ -21,6 +21,7 @@ from .vad import VadConfig, VadGate
 __all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange", "run_job"]
 
 SAMPLE_RATE = 16000
+HOP = 160  # mel frame hop: windows start on one, so a stream's mel frames can be reused
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,10 @@ class Job:
     prefix: str  # committed text still inside it: forced, not decoded again
     final: bool  # the speech ended: everything decoded is final
     min_window_s: float = 5.0
+
+    @property
+    def start_sample(self) -> int:
+        return round(self.offset * SAMPLE_RATE)
 
 
 @dataclass
@@ -118,6 +123,19 @@ class Stream:
     def lag(self) -> float:
         """Seconds of received audio not yet covered by a decode."""
         return self.time - self._decoded_until
+
+    @property
+    def buffer_start_sample(self) -> int:
+        return round(self._buffer_start * SAMPLE_RATE)
+
+    @property
+    def received(self) -> int:
+        """Samples fed in all."""
+        return self._received
+
+    def audio_from(self, sample: int) -> np.ndarray:
+        """The window's audio from stream sample ``sample`` on (a copy)."""
+        return self._buffer[max(0, sample - self.buffer_start_sample) :].copy()
 
     @property
     def buffered(self) -> float:
@@ -255,7 +273,7 @@ class Stream:
     def _trim_to(self, t: float) -> None:
         """Drop buffered audio before stream time ``t``; committed words before it move to the
         prompt."""
-        cut = round((t - self._buffer_start) * SAMPLE_RATE)
+        cut = round((t - self._buffer_start) * SAMPLE_RATE) // HOP * HOP  # windows start on a mel hop
         if cut <= 0:
             return
         self._buffer = self._buffer[cut:]
@@ -266,11 +284,12 @@ class Stream:
             self._committed = self._committed[len(gone) :]
 
 
-def run_job(engine, job: Job) -> list[TimedWord]:
+def run_job(engine, job: Job, mel: np.ndarray | None = None) -> list[TimedWord]:
     """Decode a job's window on ``engine`` after its committed prefix: greedy, word timestamps,
-    no temperature fallback (it would cost latency on exactly the windows that are late)."""
+    no temperature fallback (it would cost latency on exactly the windows that are late).
+    ``mel``: the window's mel if it was computed ahead (see ``Engine.window_padding``)."""
     tok = engine.tokenizer
     prompt = tok.encode(" " + job.prompt.strip()) if job.prompt.strip() else []
     prefix = tok.encode(job.prefix) if job.prefix else []
-    words = engine.continue_window(job.audio, prompt, prefix, min_frames=round(job.min_window_s * 100))
+    words = engine.continue_window(job.audio, prompt, prefix, min_frames=round(job.min_window_s * 100), mel=mel)
     return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.probability) for w in words]

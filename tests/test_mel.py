@@ -110,3 +110,36 @@ def test_log_mel_tiny_silence() -> None:
     mel = log_mel(np.zeros(150, np.float32))
     assert mel.shape[0] == 80 and mel.shape[1] <= 1
     np.testing.assert_allclose(mel, -1.5, atol=1e-6)
+
+
+def test_streaming_mel_gives_the_windows_log_mel(jfk):
+    """Frames computed as 100 ms chunks arrive, sliced into windows as the daemon asks for them,
+    equal log_mel of each window's audio; only a mid-stream window's first two frames differ
+    (they see the real audio before the window instead of a reflection of its start)."""
+    from npu.mel import StreamingMel
+    from streamd.audio import load_audio
+
+    audio = load_audio(jfk)
+    mel = StreamingMel()
+    mel.reset(16000)  # the stream's cache starts after a silence, on a hop
+    checked = 0
+    for end in range(16000 + 1600, len(audio), 1600):
+        mel.push(audio[end - 1600 : end])
+        if end % 8000:
+            continue
+        for start in (16000, 32000, 80000):
+            if start + 3200 > end:
+                continue
+            window, padding = audio[start:end], 700 * 160
+            expected = log_mel(window, padding=padding)
+            got = mel.window(start, window, padding)
+            assert got.shape == expected.shape
+            skip = 0 if start == 16000 else 2
+            np.testing.assert_allclose(got[:, skip:], expected[:, skip:], atol=1e-5)
+            checked += 1
+    mel.trim(80000)
+    final = audio[80000:120000]  # a final window ends before the newest audio
+    np.testing.assert_allclose(mel.window(80000, final, 1600)[:, 2:], log_mel(final, padding=1600)[:, 2:], atol=1e-5)
+    assert checked > 20
+    with pytest.raises(ValueError, match="hop"):
+        mel.window(80001, final, 0)
