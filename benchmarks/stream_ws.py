@@ -106,7 +106,7 @@ def fetch_health(url: str) -> dict | None:
 
 def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "streamd", "serve", "--port", "0", "--log-level", "warning",
-           "--update-s", str(args.update_s), "--threads", str(args.threads),
+           "--update-s", str(args.update_s), "--threads", str(args.threads), "--workers", str(args.workers),
            "--max-streams", str(max(16, args.streams))]  # fmt: skip
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
@@ -172,6 +172,7 @@ def main() -> None:
     p.add_argument("--silence", type=float, default=0.0, metavar="S", help="first measure S seconds of silence")
     p.add_argument("--update-s", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="the daemon's --threads")
+    p.add_argument("--workers", type=int, default=1, help="the daemon's --workers")
     p.add_argument("--dump", metavar="DIR", help="write each stream's joined finals there")
     asyncio.run(main_async(p.parse_args()))
 

@@ -59,6 +59,7 @@ class ServerConfig:
     max_connections: int = 64
     max_streams: int = 16
     start_timeout_s: float = 10.0  # for the start frame
+    workers: int = 1  # engine threads (streams decoded side by side)
     max_buffer_s: float = 28.0  # a stream's window past which ingest waits for the engine
     slow_client_grace_s: float = 5.0  # to deliver the slow_client error before the socket is dropped
     shutdown_timeout_s: float = 30.0  # to finalise every stream on SIGTERM
@@ -77,7 +78,7 @@ class Daemon:
         self.config = config or ServerConfig()
         ready = {"model": engine.model_name, "devices": dict(engine.devices)}
         self.hub = Hub(ready, self.config.stream, self.config.max_streams)
-        self.scheduler = Scheduler(engine)
+        self.scheduler = Scheduler(engine, workers=self.config.workers)
         self.metrics = Metrics(self)
         self.hub.on_final = self.metrics.final_latency.observe
         self.scheduler.on_job = self.metrics.observe_job

@@ -35,6 +35,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),
     "vad_aggressiveness": (int, 2, "webrtcvad aggressiveness 0 (lenient) to 3 (strict)"),
     "update_s": (float, 0.5, "new speech before a window is decoded again (latency vs CPU)"),
+    "workers": (int, 1, "engine threads: streams decoded side by side (one per core for many streams)"),
     "threads": (int, 1, "BLAS threads for the engine: 1 costs the least CPU per stream, more cut latency"),
     "max_frame_bytes": (int, 1 << 20, "largest audio frame accepted"),
     "max_queue": (int, 256, "messages waiting for one client before it is cut off"),
@@ -84,6 +85,8 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
             values[name] = getattr(args, name)
     if values["vad_aggressiveness"] not in (0, 1, 2, 3):
         raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
+    if int(values["workers"]) < 1:
+        raise ConfigError(f"workers must be at least 1, got {values['workers']}")
     if int(values["threads"]) < 1:
         raise ConfigError(f"threads must be at least 1, got {values['threads']}")
     if not 0.1 <= float(values["update_s"]) <= 5.0:

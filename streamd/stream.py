@@ -253,8 +253,11 @@ class Stream:
         self._segment += 1
 
     def _end_utterance(self, end: float) -> None:
-        self._speech_end = None
-        self._region_start = None if not self._vad.in_speech else self._region_start
+        if self._speech_end is not None and self._speech_end <= end + 1e-6:
+            self._speech_end = None
+        # else a later utterance also ended while this one was decoding: it is still pending
+        if not self._vad.in_speech and self._speech_end is None:
+            self._region_start = None
         self._policy.reset()
         self._trim_to(end)
 

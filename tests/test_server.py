@@ -356,3 +356,25 @@ async def test_http_endpoints(daemon):
     status, content_type, body = await asyncio.to_thread(fetch, "/")
     assert status == 200 and content_type.startswith("text/html")
     assert b"/v1/captions" in body
+
+
+async def test_two_workers_decode_two_streams_side_by_side(engine, jfk, jfk_audio):
+    d = Daemon(engine, ServerConfig(port=0, workers=2))
+    await d.start()
+    try:
+
+        async def client(name: str) -> list[dict]:
+            async with connect(url(d, "/v1/stream")) as ws:
+                await ws.send(start(name))
+                receiving = asyncio.create_task(receive_all(ws))
+                await send_audio(ws, jfk_audio, speed=4.0)
+                await ws.send(json.dumps({"type": "stop"}))
+                return await receiving
+
+        results = await asyncio.gather(client("left"), client("right"))
+    finally:
+        await d.shutdown()
+    assert d.scheduler.stats.most_concurrent == 2
+    for messages in results:
+        assert messages[-1]["type"] == "end"
+        assert wer(jfk, finals_text(messages)) <= 0.1, finals_text(messages)

@@ -91,3 +91,26 @@ def test_partials_come_before_their_final(streamed):
     final_segments = {e.segment for e in events if isinstance(e, Final)}
     for p in partials:
         assert p.segment in final_segments or p.segment == max(final_segments) + 1
+
+
+def test_an_utterance_that_ends_while_the_previous_one_decodes_is_not_lost(jfk):
+    """Input ahead of the engine: JFK's second sentence starts and ends while the first one's
+    final decode is still out. Its audio must stay, and its final decode must follow."""
+    audio = np.concatenate([load_audio(jfk), np.zeros(16000, np.float32)])
+    stream = Stream()
+    i, first_end = 0, None
+    while first_end is None:
+        for e in stream.feed(audio[i : i + 1600]):
+            if isinstance(e, VadChange) and not e.speech:
+                first_end = e.t
+        i += 1600
+        if first_end is None and (update := stream.next_job()) is not None:
+            stream.on_result(update, [])  # the test plays the engine: no words yet
+    job = stream.next_job()
+    assert job is not None and job.final
+    ends = [e.t for e in stream.feed(audio[i:]) if isinstance(e, VadChange) and not e.speech]
+    assert ends and ends[-1] > first_end + 2.0  # the second sentence came and went meanwhile
+    stream.on_result(job, [TimedWord(" For", first_end - 0.5, first_end - 0.2, 0.9)])
+    after = stream.next_job()
+    assert after is not None and after.final, "the second sentence was dropped"
+    assert after.offset <= ends[-1] - 2.0 and after.offset + len(after.audio) / 16000 >= ends[-1] - 0.01
