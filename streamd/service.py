@@ -15,6 +15,7 @@ import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .notify import Notifier
 from .server import Daemon, ServerConfig, file_chunks, source_id_for
 from .stream import StreamConfig
 from .vad import VadConfig
@@ -137,10 +138,27 @@ def _limit_blas_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+async def _watchdog(daemon: Daemon, notifier: Notifier) -> None:
+    """Ping systemd's watchdog from the event loop itself: if the loop stalls, the pings stop
+    and systemd restarts the service. Each ping carries a one-line status."""
+    interval = (notifier.watchdog_s or 60.0) / 2
+    while True:
+        health = daemon.health()
+        status = (
+            f"STATUS={len(health['streams'])} stream(s), {health['viewers']} viewer(s), lag {health['lag_s']:.1f} s"
+        )
+        notifier.notify(*(["WATCHDOG=1"] if notifier.watchdog_s else []), status)
+        await asyncio.sleep(min(interval, 5.0))
+
+
 async def _serve(engine, values: dict[str, object]) -> int:
+    notifier = Notifier()
     daemon = Daemon(engine, server_config(values))
     await daemon.start()
-    print(f"streamd: serving {engine.model_name} on {', '.join(daemon.addresses)}", file=sys.stderr, flush=True)
+    where = ", ".join(daemon.addresses)
+    print(f"streamd: serving {engine.model_name} on {where}", file=sys.stderr, flush=True)
+    notifier.notify("READY=1", f"STATUS=serving {engine.model_name} on {where}")
+    pinger = asyncio.create_task(_watchdog(daemon, notifier)) if notifier.enabled else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -177,5 +195,9 @@ async def _serve(engine, values: dict[str, object]) -> int:
         await stop.wait()
         log.info("signal received")
     finally:
+        notifier.notify("STOPPING=1", f"STATUS=finalising {len(daemon.hub.sources)} stream(s)")
         await daemon.shutdown()
+        if pinger is not None:
+            pinger.cancel()
+        notifier.close()
     return status

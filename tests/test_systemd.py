@@ -1,0 +1,104 @@
+"""The systemd integration: the notify protocol on a real datagram socket, and the unit file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from streamd.notify import Notifier
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIT = ROOT / "systemd" / "streamd.service"
+
+
+def datagram_socket(tmp_path: Path) -> tuple[socket.socket, str]:
+    path = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.settimeout(30)
+    return sock, path
+
+
+def test_notifier_sends_datagrams_and_is_silent_outside_systemd(tmp_path):
+    sock, path = datagram_socket(tmp_path)
+    notifier = Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "4000000"})
+    assert notifier.enabled and notifier.watchdog_s == 4.0
+    assert notifier.notify("READY=1", "STATUS=hello")
+    assert sock.recv(4096) == b"READY=1\nSTATUS=hello"
+    assert not Notifier({}).notify("READY=1")
+    assert Notifier({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "1000", "WATCHDOG_PID": "1"}).watchdog_s is None
+
+
+def test_abstract_socket_names():
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    name = f"streamd-test-{os.getpid()}"
+    sock.bind("\0" + name)
+    sock.settimeout(5)
+    assert Notifier({"NOTIFY_SOCKET": "@" + name}).notify("WATCHDOG=1")
+    assert sock.recv(4096) == b"WATCHDOG=1"
+
+
+def test_the_daemon_reports_ready_pings_the_watchdog_and_says_stopping(tmp_path):
+    sock, path = datagram_socket(tmp_path)
+    env = {**os.environ, "NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamd", "serve", "--port", "0"], env=env, stderr=subprocess.DEVNULL
+    )
+    try:
+        first = sock.recv(4096).decode()
+        assert first.startswith("READY=1\nSTATUS=serving tiny.en on http://127.0.0.1:"), first
+        started, pings = time.monotonic(), 0
+        while pings < 2:
+            message = sock.recv(4096).decode()
+            pings += "WATCHDOG=1" in message.splitlines()
+        assert time.monotonic() - started < 5  # WatchdogSec=2 s: a ping at least every second
+        proc.send_signal(signal.SIGTERM)
+        while not (message := sock.recv(4096).decode()).startswith("STOPPING=1"):
+            pass
+        assert "STATUS=finalising 0 stream(s)" in message
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+needs_systemd = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed (Debian package systemd)"
+)
+
+
+@pytest.fixture
+def installed_unit(tmp_path) -> Path:
+    """The unit with ExecStart pointing at this checkout's streamd (verify checks that it exists)."""
+    streamd = shutil.which("streamd", path=str(Path(sys.executable).parent)) or "/usr/bin/true"
+    unit = tmp_path / "streamd.service"
+    unit.write_text(UNIT.read_text().replace("/opt/streamd/bin/streamd", streamd))
+    return unit
+
+
+@needs_systemd
+def test_unit_verifies_clean(installed_unit):
+    result = subprocess.run(["systemd-analyze", "verify", str(installed_unit)], capture_output=True, text=True)
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@needs_systemd
+def test_unit_exposure_is_at_most_2(installed_unit):
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(installed_unit)],
+        capture_output=True,
+        text=True,
+    )
+    score = float(result.stdout.rsplit("Overall exposure level for", 1)[1].split(":")[1].split()[0])
+    assert score <= 2.0, result.stdout[-2000:]
+    unit = UNIT.read_text()
+    for setting in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "NoNewPrivileges=yes"):
+        assert setting in unit
