@@ -41,6 +41,10 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Serve live transcripts: ws /v1/stream, ws /v1/captions?source=ID, GET / /healthz /metrics.",
     )
     add_serve_args(s)
+    c = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
+    csub = c.add_subparsers(dest="action", required=True)
+    check = csub.add_parser("check", help="validate settings and print the effective configuration")
+    check.add_argument("file", nargs="?", help="TOML file (default: $STREAMD_CONFIG, else none)")
     return parser
 
 
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "transcribe":
             return _transcribe(args)
+        if args.command == "config":
+            from .service import check_main
+
+            return check_main(args)
         if args.command == "serve":
             from .service import serve_main
 

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -63,6 +65,10 @@ class ServerConfig:
     max_buffer_s: float = 28.0  # a stream's window past which ingest waits for the engine
     slow_client_grace_s: float = 5.0  # to deliver the slow_client error before the socket is dropped
     shutdown_timeout_s: float = 30.0  # to finalise every stream on SIGTERM
+    token: str | None = None  # when set, every request must carry it (Bearer header or ?token=)
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the page's own
+    tls_cert: str | None = None
+    tls_key: str | None = None
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -96,10 +102,15 @@ class Daemon:
     async def start(self) -> None:
         self.scheduler.start()
         c = self.config
+        tls = None
+        if c.tls_cert:
+            tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls.load_cert_chain(c.tls_cert, c.tls_key)
         self._server = await serve(
             self._websocket,
             c.host,
             c.port,
+            ssl=tls,
             process_request=self._http,
             max_size=2 * c.max_frame_bytes,  # over our limit: an error message; over this: close 1009
             server_header="streamd",
@@ -119,7 +130,8 @@ class Daemon:
 
     @property
     def addresses(self) -> list[str]:
-        out = [f"http://{self.config.host}:{self.port}"] if self._server else []
+        scheme = "https" if self.config.tls_cert else "http"
+        out = [f"{scheme}://{self.config.host}:{self.port}"] if self._server else []
         if self._tcp is not None:
             out.append(f"tcp://{self.config.host}:{self.tcp_port}")
         return out
@@ -159,7 +171,15 @@ class Daemon:
     # --- HTTP --------------------------------------------------------------------------------
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = urlsplit(request.path).path
+        url = urlsplit(request.path)
+        path = url.path
+        if self.config.token is not None and not self._authorised(request, url.query):
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, "a token is required: Authorization: Bearer ...\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="streamd"'
+            return response
+        origin = request.headers.get("Origin")
+        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+            return connection.respond(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
         if path in ("/v1/stream", "/v1/captions"):
             if self._server is not None and len(self._server.connections) > self.config.max_connections:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
@@ -176,6 +196,21 @@ class Daemon:
             body, content_type = self.metrics.render()
             return _respond(connection, HTTPStatus.OK, body, content_type)
         return connection.respond(HTTPStatus.NOT_FOUND, f"no such path {path}: see / and /healthz\n")
+
+    def _authorised(self, request: Request, query: str) -> bool:
+        token = self.config.token
+        assert token is not None
+        header = request.headers.get("Authorization", "")
+        supplied = header[7:].strip() if header[:7].lower() == "bearer " else parse_qs(query).get("token", [""])[0]
+        return hmac.compare_digest(supplied.encode(), token.encode())
+
+    def _origin_allowed(self, origin: str, host: str) -> bool:
+        """Browsers send Origin: the page's own origin (same host and port) is allowed, and
+        those configured; other sites' pages may not drive a daemon on this machine."""
+        origin = origin.rstrip("/")
+        if urlsplit(origin).netloc == host:
+            return True
+        return origin in self.config.allowed_origins
 
     def sources(self) -> list[dict]:
         return [

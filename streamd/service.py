@@ -1,14 +1,18 @@
 """``streamd serve``: load the model, start the daemon and its sources, stop cleanly on a signal.
 
-Settings come from the command line, then a TOML file (``--config``), then the defaults. Keys
-in the file are the long option names with ``_`` for ``-`` (``tcp_port = 8766``).
+Settings come from the command line, then ``STREAMD_*`` environment variables
+(``STREAMD_TCP_PORT=8766``), then a TOML file (``--config`` or ``$STREAMD_CONFIG``), then the
+defaults. Keys in the file are the long option names with ``_`` for ``-`` (``tcp_port = 8766``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import json
 import logging
+import os
 import signal
 import sys
 import tomllib
@@ -43,6 +47,10 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "max_connections": (int, 64, "websocket connections at once"),
     "max_streams": (int, 16, "audio sources at once"),
     "log_level": (str, "info", "debug, info, warning or error"),
+    "token_file": (str, None, "file holding the token clients must send (required off loopback)"),
+    "allowed_origins": (str, "", "comma-separated browser origins allowed besides the page's own"),
+    "tls_cert": (str, None, "PEM certificate: serve https/wss"),
+    "tls_key": (str, None, "PEM private key for --tls-cert"),
 }
 
 
@@ -63,43 +71,124 @@ class ConfigError(Exception):
     pass
 
 
-def settings(args: argparse.Namespace) -> dict[str, object]:
-    """CLI over the config file over the defaults; a bad key or value is a one-line error."""
-    values = {name: default for name, (_, default, _) in OPTIONS.items()}
-    if args.config:
+def _coerce(key: str, value: object, where: str) -> object:
+    """A value from TOML (typed) or the environment (text) as the option's type."""
+    kind = OPTIONS[key][0]
+    if isinstance(value, str) and kind is not str:
+        text = value.strip()
         try:
-            with open(args.config, "rb") as f:
+            if kind is bool:
+                if text.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError
+                return text.lower() in ("1", "true", "yes", "on")
+            return kind(text)
+        except ValueError:
+            raise ConfigError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
+    if key == "allowed_origins" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise ConfigError(f"{where}: {key} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def settings(args: argparse.Namespace, environ: dict[str, str] | None = None) -> dict[str, object]:
+    """Command line over ``STREAMD_*`` environment over the config file over the defaults;
+    a bad key or value is a one-line error naming it."""
+    env = os.environ if environ is None else environ
+    values = {name: default for name, (_, default, _) in OPTIONS.items()}
+    config = getattr(args, "config", None) or env.get("STREAMD_CONFIG")
+    if config:
+        try:
+            with open(config, "rb") as f:
                 data = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"{args.config}: {e}") from None
+            raise ConfigError(f"{config}: {e}") from None
         for key, value in data.items():
             if key not in OPTIONS:
-                raise ConfigError(f"{args.config}: unknown key {key!r}")
-            kind = OPTIONS[key][0]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-                raise ConfigError(f"{args.config}: {key} must be {kind.__name__}, got {value!r}")
-            values[key] = value
+                raise ConfigError(f"{config}: unknown key {key!r}")
+            values[key] = _coerce(key, value, config)
+    for name in OPTIONS:
+        variable = "STREAMD_" + name.upper()
+        if variable in env:
+            values[name] = _coerce(name, env[variable], variable)
     for name in OPTIONS:
         if getattr(args, name, None) is not None:
             values[name] = getattr(args, name)
+    _check(values)
+    return values
+
+
+def _check(values: dict[str, object]) -> None:
     if values["vad_aggressiveness"] not in (0, 1, 2, 3):
         raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
-    if int(values["workers"]) < 1:
-        raise ConfigError(f"workers must be at least 1, got {values['workers']}")
-    if int(values["threads"]) < 1:
-        raise ConfigError(f"threads must be at least 1, got {values['threads']}")
+    for key in ("workers", "threads", "max_queue", "max_connections", "max_streams", "max_frame_bytes"):
+        if int(values[key]) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {values[key]}")
+    if not 0 <= int(values["port"]) <= 65535:
+        raise ConfigError(f"port must be 0..65535, got {values['port']}")
     if not 0.1 <= float(values["update_s"]) <= 5.0:
         raise ConfigError(f"update_s must be from 0.1 to 5, got {values['update_s']}")
-    return values
+    if bool(values["tls_cert"]) != bool(values["tls_key"]):
+        raise ConfigError("tls_cert and tls_key go together: set both or neither")
+    if values["token_file"]:
+        try:
+            token = Path(str(values["token_file"])).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError(f"token_file: cannot read {values['token_file']}: {e.strerror}") from None
+        if len(token) < 16:
+            raise ConfigError(f"token_file: {values['token_file']} holds a token shorter than 16 characters")
+    elif not is_loopback(str(values["host"])):
+        raise ConfigError(
+            f"host {values['host']!r} is not loopback: set token_file (clients must send the token) to listen there"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def render(values: dict[str, object]) -> str:
+    """The effective settings as TOML (what ``streamd config check`` prints)."""
+    lines = []
+    for key, value in values.items():
+        if value is None:
+            lines.append(f"# {key} is not set")
+        elif isinstance(value, bool):
+            lines.append(f"{key} = {'true' if value else 'false'}")
+        elif isinstance(value, int | float):
+            lines.append(f"{key} = {value}")
+        else:
+            lines.append(f"{key} = {json.dumps(str(value))}")
+    return "\n".join(lines)
+
+
+def check_main(args: argparse.Namespace) -> int:
+    """``streamd config check [FILE]``: validate, print the effective settings; exit 2 if invalid."""
+    try:
+        values = settings(argparse.Namespace(config=args.file))
+    except ConfigError as e:
+        print(f"streamd: {e}", file=sys.stderr)
+        return 2
+    print(render(values))
+    return 0
 
 
 def server_config(values: dict[str, object]) -> ServerConfig:
     stream = replace(StreamConfig(), update_s=float(values["update_s"]),
                      vad=VadConfig(aggressiveness=int(values["vad_aggressiveness"])))  # fmt: skip
-    known = {f.name for f in fields(ServerConfig)}
-    return ServerConfig(**{k: v for k, v in values.items() if k in known}, stream=stream)
+    known = {f.name for f in fields(ServerConfig)} - {"token", "allowed_origins", "stream"}
+    token = Path(str(values["token_file"])).read_text(encoding="utf-8").strip() if values["token_file"] else None
+    origins = tuple(o.strip().rstrip("/") for o in str(values["allowed_origins"] or "").split(",") if o.strip())
+    return ServerConfig(
+        **{k: v for k, v in values.items() if k in known}, stream=stream, token=token, allowed_origins=origins
+    )
 
 
 def serve_main(args: argparse.Namespace) -> int:
