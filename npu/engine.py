@@ -7,12 +7,14 @@ windows: encode a stretch of audio once, decode it (with temperature fallback), 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from .backend import Backend
+from .backend import STAGES, Backend
 from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, decode
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
@@ -94,12 +96,20 @@ class Engine:
         self.min_window_frames = MIN_UNPADDED_FRAMES
         self.retry_padded = True  # re-run failed unpadded windows padded (off only to measure)
         self.padded_retries = 0  # unpadded windows that had to be re-run padded (a health figure)
+        self.stage_seconds = dict.fromkeys(STAGES, 0.0)  # streaming compute per stage (metrics)
+        self._stage_lock = threading.Lock()
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str = "auto") -> Engine:
         weights = load_weights(model)
         tokenizer = WhisperTokenizer(weights.path / "tokenizer.json", weights.dims.n_vocab)
         return cls(weights, create_backend(weights, backend), tokenizer)
+
+    def _account(self, stage: str, since: float) -> float:
+        now = time.perf_counter()
+        with self._stage_lock:
+            self.stage_seconds[stage] += now - since
+        return now
 
     @property
     def model_name(self) -> str:
@@ -219,17 +229,22 @@ class Engine:
         num_frames = min(len(audio) // HOP_LENGTH, N_FRAMES)
         if num_frames < 2:
             return []
+        clock = time.perf_counter()
         if mel is None:
             mel = self.backend.log_mel(audio, padding=self.window_padding(len(audio), min_frames))
+            clock = self._account("mel", clock)
         window = self.encode(mel[:, :N_FRAMES], num_frames=num_frames, min_frames=min_frames)
+        clock = self._account("encoder", clock)
         options = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
         result = self._decode_at(window, options, 0.0)
+        clock = self._account("decoder", clock)
         # The caller's VAD heard speech: only Whisper's own silence rule applies here (a
         # near-certain no-speech alone would drop the words of a quiet utterance's end).
         if STREAM_SILENCE.is_silence(result) or not result.tokens:
             return []
         probs = [1.0] * len(prefix) + list(np.exp(result.token_logprobs[: len(result.tokens)]))
         words = self.word_timings(window, [*prefix, *result.tokens], probs)
+        self._account("decoder", clock)  # alignment is a decoder pass
         seen, new = 0, []
         for w in words:
             if seen >= len(prefix):

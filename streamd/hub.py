@@ -255,6 +255,11 @@ class Hub:
             if not viewers and source_id not in self.sources:
                 del self._viewers[source_id]
 
+    def outboxes(self) -> list[Outbox]:
+        """Every client's outbox: owners of live sources and viewers."""
+        owners = [s.owner for s in self.sources.values() if s.owner is not None]
+        return owners + [o for v in self._viewers.values() for o in v]
+
     @property
     def viewer_count(self) -> int:
         return sum(len(v) for v in self._viewers.values())

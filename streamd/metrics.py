@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 from .stream import Job
 
@@ -43,6 +44,13 @@ class Metrics:
             buckets=JOB_BUCKETS,
             registry=r,
         )
+        Gauge("streamd_client_queue_max", "Most messages waiting for any one client", registry=r).set_function(
+            lambda: max((len(o) for o in hub.outboxes()), default=0)
+        )
+        Gauge("streamd_client_queue_messages", "Messages waiting for all clients", registry=r).set_function(
+            lambda: sum(len(o) for o in hub.outboxes())
+        )
+        r.register(_StageCollector(daemon))
         self.errors = Counter("streamd_client_errors", "Protocol errors sent to clients", ["code"], registry=r)
         self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
         self._device = daemon.engine.devices.get("encoder", "cpu")
@@ -52,3 +60,24 @@ class Metrics:
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _StageCollector:
+    """Compute seconds per stage, labelled with the device that really ran it."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self):
+        engine, stats = self._daemon.engine, self._daemon.scheduler.stats
+        devices = engine.devices
+        family = CounterMetricFamily(
+            "streamd_stage_seconds",
+            "Compute time per pipeline stage and the device that ran it",
+            labels=["stage", "device"],
+        )
+        seconds = dict(engine.stage_seconds)
+        seconds["mel"] = seconds.get("mel", 0.0) + stats.mel_s + stats.window_mel_s  # the mel thread's share
+        for stage, value in seconds.items():
+            family.add_metric([stage, devices.get(stage, "cpu")], value)
+        yield family

@@ -69,6 +69,7 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the page's own
     tls_cert: str | None = None
     tls_key: str | None = None
+    ping_interval_s: float = 20.0  # keepalive: a peer that does not answer within as long is dropped
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -112,6 +113,8 @@ class Daemon:
             c.port,
             ssl=tls,
             process_request=self._http,
+            ping_interval=c.ping_interval_s,
+            ping_timeout=c.ping_interval_s,
             max_size=2 * c.max_frame_bytes,  # over our limit: an error message; over this: close 1009
             server_header="streamd",
         )

@@ -47,6 +47,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "max_connections": (int, 64, "websocket connections at once"),
     "max_streams": (int, 16, "audio sources at once"),
     "log_level": (str, "info", "debug, info, warning or error"),
+    "ping_interval_s": (float, 20.0, "websocket keepalive ping; a client silent for twice this is dropped"),
     "token_file": (str, None, "file holding the token clients must send (required off loopback)"),
     "allowed_origins": (str, "", "comma-separated browser origins allowed besides the page's own"),
     "tls_cert": (str, None, "PEM certificate: serve https/wss"),
@@ -128,6 +129,10 @@ def _check(values: dict[str, object]) -> None:
             raise ConfigError(f"{key} must be at least 1, got {values[key]}")
     if not 0 <= int(values["port"]) <= 65535:
         raise ConfigError(f"port must be 0..65535, got {values['port']}")
+    if float(values["ping_interval_s"]) <= 0:
+        raise ConfigError(f"ping_interval_s must be positive, got {values['ping_interval_s']}")
+    if str(values["log_level"]).lower() not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
     if not 0.1 <= float(values["update_s"]) <= 5.0:
         raise ConfigError(f"update_s must be from 0.1 to 5, got {values['update_s']}")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
@@ -197,9 +202,7 @@ def serve_main(args: argparse.Namespace) -> int:
     except ConfigError as e:
         print(f"streamd: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=str(values["log_level"]).upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(str(values["log_level"]))
     if log.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per HTTP request otherwise
     from npu.engine import Engine
@@ -216,6 +219,27 @@ def serve_main(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address does not exist, ...
         print(f"streamd: cannot listen: {e}", file=sys.stderr)
         return 1
+
+
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd (``$JOURNAL_STREAM``): a ``<priority>`` prefix journald turns into the
+    record's level, and no timestamp (journald adds its own)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record).replace("\n", "\n    ")
+        return f"<{_PRIORITY.get(record.levelno, 6)}>{text}"
+
+
+def _configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stdout if os.environ.get("JOURNAL_STREAM") else sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(_JournalFormatter("%(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
 
 
 def _limit_blas_threads(threads: int) -> None:

@@ -103,6 +103,9 @@ async def test_a_client_streams_speech_and_gets_finals_with_words(daemon, jfk, j
     kinds = {m["type"] for m in messages}
     assert {"partial", "final", "vad"} <= kinds and "error" not in kinds
     assert wer(jfk, finals_text(messages)) <= 0.1, finals_text(messages)
+    stats = daemon.scheduler.stats
+    assert stats.mel_s > 0 and stats.window_mel_s > 0  # windows were cut from mel computed ahead
+    assert daemon.engine.stage_seconds["encoder"] > 0
     finals = [m for m in messages if m["type"] == "final"]
     assert [f["segment"] for f in finals] == list(range(len(finals)))
     for f in finals:
@@ -351,6 +354,8 @@ async def test_http_endpoints(daemon):
     status, content_type, body = await asyncio.to_thread(fetch, "/metrics")
     assert status == 200 and content_type.startswith("text/plain")
     assert b"streamd_streams 0.0" in body and b"streamd_final_latency_seconds_bucket" in body
+    for name in (b'streamd_stage_seconds_total{device="cpu",stage="encoder"}', b"streamd_client_queue_max"):
+        assert name in body, body.decode()
     status, _, body = await asyncio.to_thread(fetch, "/nope")
     assert status == 404 and b"no such path" in body
     status, content_type, body = await asyncio.to_thread(fetch, "/")

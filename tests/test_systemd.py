@@ -102,3 +102,25 @@ def test_unit_exposure_is_at_most_2(installed_unit):
     unit = UNIT.read_text()
     for setting in ("Type=notify", "WatchdogSec=", "Restart=on-failure", "DynamicUser=yes", "NoNewPrivileges=yes"):
         assert setting in unit
+
+
+def test_under_journald_logs_carry_their_priority(tmp_path):
+    sock, path = datagram_socket(tmp_path)
+    env = {**os.environ, "NOTIFY_SOCKET": path, "JOURNAL_STREAM": "8:1234"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamd", "serve", "--port", "0"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert sock.recv(4096).startswith(b"READY=1")
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    lines = out.splitlines()
+    assert "<6>streamd.server: listening on http://127.0.0.1:" in lines[0], out
+    assert all(line[:3] in ("<7>", "<6>", "<4>", "<3>", "<2>") or line.startswith("    ") for line in lines), out
