@@ -139,7 +139,7 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError("tls_cert and tls_key go together: set both or neither")
     if values["token_file"]:
         try:
-            token = Path(str(values["token_file"])).read_text(encoding="utf-8").strip()
+            token = token_path(values["token_file"]).read_text(encoding="utf-8").strip()
         except OSError as e:
             raise ConfigError(f"token_file: cannot read {values['token_file']}: {e.strerror}") from None
         if len(token) < 16:
@@ -148,6 +148,13 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(
             f"host {values['host']!r} is not loopback: set token_file (clients must send the token) to listen there"
         )
+
+
+def token_path(value: object) -> Path:
+    """A relative token_file is looked up in systemd's $CREDENTIALS_DIRECTORY (LoadCredential=)."""
+    path = Path(str(value))
+    credentials = os.environ.get("CREDENTIALS_DIRECTORY")
+    return Path(credentials) / path if credentials and not path.is_absolute() else path
 
 
 def is_loopback(host: str) -> bool:
@@ -189,7 +196,7 @@ def server_config(values: dict[str, object]) -> ServerConfig:
     stream = replace(StreamConfig(), update_s=float(values["update_s"]),
                      vad=VadConfig(aggressiveness=int(values["vad_aggressiveness"])))  # fmt: skip
     known = {f.name for f in fields(ServerConfig)} - {"token", "allowed_origins", "stream"}
-    token = Path(str(values["token_file"])).read_text(encoding="utf-8").strip() if values["token_file"] else None
+    token = token_path(values["token_file"]).read_text(encoding="utf-8").strip() if values["token_file"] else None
     origins = tuple(o.strip().rstrip("/") for o in str(values["allowed_origins"] or "").split(",") if o.strip())
     return ServerConfig(
         **{k: v for k, v in values.items() if k in known}, stream=stream, token=token, allowed_origins=origins

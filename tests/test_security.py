@@ -139,3 +139,12 @@ def test_settings_become_the_servers_config(tmp_path):
     config = server_config(values)
     assert config.host == "0.0.0.0" and config.token == TOKEN
     assert config.allowed_origins == ("https://a", "https://b") and config.stream.update_s == 0.7
+
+
+def test_a_relative_token_file_comes_from_systemds_credentials(tmp_path, monkeypatch):
+    from streamd.service import server_config
+
+    (tmp_path / "token").write_text(TOKEN)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    values = settings(argparse.Namespace(), {"STREAMD_HOST": "::", "STREAMD_TOKEN_FILE": "token"})
+    assert server_config(values).token == TOKEN
