@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -100,17 +102,24 @@ class Daemon:
 
     # --- lifecycle -------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    async def start(self, listen: list[socket.socket] | None = None) -> None:
+        """Bind the configured ports, or serve on ``listen`` (sockets systemd passed in: the
+        first for websockets + HTTP, a second for TCP ingest)."""
         self.scheduler.start()
         c = self.config
+        listen = listen or []
         tls = None
         if c.tls_cert:
             tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls.load_cert_chain(c.tls_cert, c.tls_key)
+        if c.token is None:
+            for sock in listen:
+                if not is_loopback_address(sock.getsockname()[0]):
+                    raise PermissionError(f"socket {_address(sock)} is not loopback: set token_file to listen there")
+        where = {"sock": listen[0]} if listen else {"host": c.host, "port": c.port}
         self._server = await serve(
             self._websocket,
-            c.host,
-            c.port,
+            **where,
             ssl=tls,
             process_request=self._http,
             ping_interval=c.ping_interval_s,
@@ -118,7 +127,9 @@ class Daemon:
             max_size=2 * c.max_frame_bytes,  # over our limit: an error message; over this: close 1009
             server_header="streamd",
         )
-        if c.tcp_port is not None:
+        if len(listen) > 1:
+            self._tcp = await asyncio.start_server(self._tcp_client, sock=listen[1])
+        elif c.tcp_port is not None:
             self._tcp = await asyncio.start_server(self._tcp_client, c.host, c.tcp_port)
         log.info("listening on %s", ", ".join(self.addresses))
 
@@ -134,9 +145,9 @@ class Daemon:
     @property
     def addresses(self) -> list[str]:
         scheme = "https" if self.config.tls_cert else "http"
-        out = [f"{scheme}://{self.config.host}:{self.port}"] if self._server else []
+        out = [f"{scheme}://{_address(self._server.sockets[0])}"] if self._server else []
         if self._tcp is not None:
-            out.append(f"tcp://{self.config.host}:{self.tcp_port}")
+            out.append(f"tcp://{_address(self._tcp.sockets[0])}")
         return out
 
     async def shutdown(self) -> None:
@@ -473,6 +484,20 @@ def source_id_for(path: Path) -> str:
     """A file's source id: its stem, made to fit the id rules."""
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in path.stem).lstrip("._-:")
     return stem[:64] or "file"
+
+
+def is_loopback_address(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _address(sock) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Response:

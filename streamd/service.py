@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
 from .notify import Notifier
-from .server import Daemon, ServerConfig, file_chunks, source_id_for
+from .server import Daemon, ServerConfig, file_chunks, is_loopback_address, source_id_for
 from .stream import StreamConfig
 from .vad import VadConfig
 
@@ -144,7 +144,7 @@ def _check(values: dict[str, object]) -> None:
             raise ConfigError(f"token_file: cannot read {values['token_file']}: {e.strerror}") from None
         if len(token) < 16:
             raise ConfigError(f"token_file: {values['token_file']} holds a token shorter than 16 characters")
-    elif not is_loopback(str(values["host"])):
+    elif not is_loopback_address(str(values["host"])):
         raise ConfigError(
             f"host {values['host']!r} is not loopback: set token_file (clients must send the token) to listen there"
         )
@@ -155,15 +155,6 @@ def token_path(value: object) -> Path:
     path = Path(str(value))
     credentials = os.environ.get("CREDENTIALS_DIRECTORY")
     return Path(credentials) / path if credentials and not path.is_absolute() else path
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def render(values: dict[str, object]) -> str:
@@ -223,6 +214,9 @@ def serve_main(args: argparse.Namespace) -> int:
         return 1
     try:
         return asyncio.run(_serve(engine, values))
+    except PermissionError as e:  # a socket passed in by systemd that the settings do not allow
+        print(f"streamd: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # the port is taken, the address does not exist, ...
         print(f"streamd: cannot listen: {e}", file=sys.stderr)
         return 1
@@ -258,6 +252,21 @@ def _limit_blas_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def listen_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:
+    """Sockets systemd passed in (``streamd.socket``; sd_listen_fds(3)): ``$LISTEN_FDS`` of them
+    from fd 3, if ``$LISTEN_PID`` is us. The variables are removed so children do not see them."""
+    env = os.environ if environ is None else environ
+    if env.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(env.get("LISTEN_FDS", "0") or 0)
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    sockets = [socket.socket(fileno=3 + i) for i in range(count)]
+    for sock in sockets:
+        sock.setblocking(False)
+    return sockets
+
+
 async def _watchdog(daemon: Daemon, notifier: Notifier) -> None:
     """Ping systemd's watchdog from the event loop itself: if the loop stalls, the pings stop
     and systemd restarts the service. Each ping carries a one-line status."""
@@ -274,7 +283,7 @@ async def _watchdog(daemon: Daemon, notifier: Notifier) -> None:
 async def _serve(engine, values: dict[str, object]) -> int:
     notifier = Notifier()
     daemon = Daemon(engine, server_config(values))
-    await daemon.start()
+    await daemon.start(listen_sockets())
     where = ", ".join(daemon.addresses)
     print(f"streamd: serving {engine.model_name} on {where}", file=sys.stderr, flush=True)
     notifier.notify("READY=1", f"STATUS=serving {engine.model_name} on {where}")

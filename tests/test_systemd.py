@@ -124,3 +124,76 @@ def test_under_journald_logs_carry_their_priority(tmp_path):
     lines = out.splitlines()
     assert "<6>streamd.server: listening on http://127.0.0.1:" in lines[0], out
     assert all(line[:3] in ("<7>", "<6>", "<4>", "<3>", "<2>") or line.startswith("    ") for line in lines), out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+needs_activate = pytest.mark.skipif(
+    shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed (package systemd)"
+)
+
+
+@needs_activate
+def test_socket_activation_serves_on_the_socket_systemd_passes():
+    import urllib.request
+
+    port = free_port()
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m", "streamd", "serve"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # the first connection starts the daemon; it answers once the model is loaded
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=30) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
+                time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert f"serving tiny.en on http://127.0.0.1:{port}" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@needs_activate
+def test_a_passed_socket_off_loopback_needs_a_token():
+    port = free_port()
+    proc = subprocess.Popen(
+        ["systemd-socket-activate", "-l", f"0.0.0.0:{port}", sys.executable, "-m", "streamd", "serve"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            try:
+                answer = s.recv(100)
+            except ConnectionResetError:
+                answer = b""
+            assert answer == b""  # refused: closed without an answer
+        assert proc.wait(timeout=30) == 2
+        assert "is not loopback: set token_file" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@needs_systemd
+def test_socket_unit_verifies_clean(tmp_path, installed_unit):
+    socket_unit = tmp_path / "streamd.socket"
+    socket_unit.write_text((ROOT / "systemd" / "streamd.socket").read_text())
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(socket_unit), str(installed_unit)], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
