@@ -191,8 +191,13 @@ class Daemon:
             response = connection.respond(HTTPStatus.UNAUTHORIZED, "a token is required: Authorization: Bearer ...\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="streamd"'
             return response
+        host = request.headers.get("Host", "")
+        if self.config.token is None and not is_loopback_address(urlsplit(f"//{host}").hostname or ""):
+            # Without a token only loopback may talk to us; a page whose DNS name was rebound to
+            # 127.0.0.1 still sends its own name as Host.
+            return connection.respond(HTTPStatus.FORBIDDEN, f"unexpected Host {host!r}: use 127.0.0.1 or localhost\n")
         origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, request.headers.get("Host", "")):
+        if origin is not None and not self._origin_allowed(origin, host):
             return connection.respond(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
         if path in ("/v1/stream", "/v1/captions"):
             if self._server is not None and len(self._server.connections) > self.config.max_connections:

@@ -148,3 +148,17 @@ def test_a_relative_token_file_comes_from_systemds_credentials(tmp_path, monkeyp
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     values = settings(argparse.Namespace(), {"STREAMD_HOST": "::", "STREAMD_TOKEN_FILE": "token"})
     assert server_config(values).token == TOKEN
+
+
+async def test_without_a_token_a_rebound_dns_name_is_refused(engine):
+    """A page at evil.example whose name was rebound to 127.0.0.1 sends Host: evil.example."""
+    d = Daemon(engine, ServerConfig(port=0))
+    await d.start()
+    try:
+        base = f"http://127.0.0.1:{d.port}/healthz"
+        assert await asyncio.to_thread(get, base, {"Host": f"evil.example:{d.port}"}) == 403
+        assert await asyncio.to_thread(get, base, {"Host": f"localhost:{d.port}"}) == 200
+        assert await asyncio.to_thread(get, base, {"Host": f"[::1]:{d.port}"}) == 200
+        assert await asyncio.to_thread(get, base) == 200
+    finally:
+        await d.shutdown()

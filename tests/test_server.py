@@ -244,7 +244,7 @@ async def test_a_slow_viewer_is_cut_off_without_delaying_anyone(engine):
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # before connect: a small window
         slow.connect(("127.0.0.1", d.port))
         slow.sendall(
-            b"GET /v1/captions?source=busy HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"GET /v1/captions?source=busy HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         )
         async with connect(url(d, "/v1/captions?source=busy"), max_queue=None) as fast:
