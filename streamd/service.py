@@ -284,10 +284,7 @@ async def _serve(engine, values: dict[str, object]) -> int:
     notifier = Notifier()
     daemon = Daemon(engine, server_config(values))
     await daemon.start(listen_sockets())
-    where = ", ".join(daemon.addresses)
-    print(f"streamd: serving {engine.model_name} on {where}", file=sys.stderr, flush=True)
-    notifier.notify("READY=1", f"STATUS=serving {engine.model_name} on {where}")
-    pinger = asyncio.create_task(_watchdog(daemon, notifier)) if notifier.enabled else None
+    pinger = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -321,6 +318,11 @@ async def _serve(engine, values: dict[str, object]) -> int:
                     yield chunk
 
             daemon.play("mic", "mic", with_first())
+        # Ready only now: the model is loaded, the ports are bound and the sources are open.
+        where = ", ".join(daemon.addresses)
+        print(f"streamd: serving {engine.model_name} on {where}", file=sys.stderr, flush=True)
+        notifier.notify("READY=1", f"STATUS=serving {engine.model_name} on {where}")
+        pinger = asyncio.create_task(_watchdog(daemon, notifier)) if notifier.enabled else None
         await stop.wait()
         log.info("signal received")
     finally:
