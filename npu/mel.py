@@ -109,6 +109,13 @@ def _log10_mel(power: np.ndarray, n_mels: int) -> np.ndarray:
     return np.log10(spec, out=spec)
 
 
+def _frames_log10_mel(chunk: np.ndarray, n_mels: int) -> np.ndarray:
+    """Unnormalised log10 mel of every whole 400-sample frame of ``chunk``, one every 160."""
+    frames = np.lib.stride_tricks.sliding_window_view(chunk, N_FFT)[::HOP_LENGTH]
+    spectrum = np.fft.rfft(frames * _hann(), axis=-1)
+    return _log10_mel((spectrum.real**2 + spectrum.imag**2).T.astype(np.float32), n_mels)
+
+
 def _normalise(log_spec: np.ndarray) -> np.ndarray:
     np.maximum(log_spec, log_spec.max() - np.float32(8.0), out=log_spec)
     log_spec += np.float32(4.0)
@@ -134,7 +141,6 @@ class StreamingMel:
         self._audio_start = 0
         self._frames = np.zeros((n_mels, 0), np.float32)  # frames from self._first on
         self._first = 0
-        self.seconds = 0.0  # compute time spent in push (for the pipeline's overlap figure)
 
     @property
     def received(self) -> int:
@@ -145,9 +151,6 @@ class StreamingMel:
 
     def push(self, samples: np.ndarray) -> None:
         """Take the next samples; computes every frame whose 400 samples have now all arrived."""
-        import time
-
-        started = time.perf_counter()
         self._audio = np.concatenate([self._audio, np.asarray(samples, np.float32)])
         pad = N_FFT // 2
         first, last = self._next_frame(), (self.received - pad) // HOP_LENGTH  # frames [first, last)
@@ -159,16 +162,12 @@ class StreamingMel:
         if last > first:
             lo = first * HOP_LENGTH - pad - self._audio_start
             hi = (last - 1) * HOP_LENGTH + pad - self._audio_start
-            frames = np.lib.stride_tricks.sliding_window_view(self._audio[lo:hi], N_FFT)[::HOP_LENGTH]
-            spectrum = np.fft.rfft(frames * _hann(), axis=-1)
-            power = (spectrum.real**2 + spectrum.imag**2).T.astype(np.float32)
-            self._frames = np.concatenate([self._frames, _log10_mel(power, self.n_mels)], axis=1)
+            self._frames = np.concatenate([self._frames, _frames_log10_mel(self._audio[lo:hi], self.n_mels)], axis=1)
         # Keep only the audio the next frames (and a window's last frames) will need.
         keep = max(0, self._next_frame() * HOP_LENGTH - pad - self._audio_start - N_FFT)
         if keep:
             self._audio = self._audio[keep:]
             self._audio_start += keep
-        self.seconds += time.perf_counter() - started
 
     def trim(self, start: int) -> None:
         """Frames before sample ``start`` will not be asked for again."""
@@ -186,7 +185,6 @@ class StreamingMel:
         # The first two frames would need audio before ``start``: a window computes them itself.
         self._first = start // HOP_LENGTH + 2
         self._frames = np.zeros((self.n_mels, 0), np.float32)
-        self._audio_start = start
 
     def window(self, start: int, audio: np.ndarray, padding: int) -> np.ndarray:
         """Normalised mel of ``audio`` (the stream from sample ``start``, a multiple of 160) followed
@@ -219,6 +217,4 @@ class StreamingMel:
         chunk[max(0, -lo) : max(0, -lo) + len(src)] = src
         if lo < 0 and len(audio) > -lo:
             chunk[:-lo] = audio[1 : 1 - lo][::-1]
-        frames = np.lib.stride_tricks.sliding_window_view(chunk, N_FFT)[::HOP_LENGTH]
-        spectrum = np.fft.rfft(frames * _hann(), axis=-1)
-        return _log10_mel((spectrum.real**2 + spectrum.imag**2).T.astype(np.float32), self.n_mels)
+        return _frames_log10_mel(chunk, self.n_mels)

@@ -81,6 +81,11 @@ def _bad_start(message: str, close_code: int = PROTOCOL_ERROR) -> ProtocolError:
     return ProtocolError("bad_start", message, fatal=True, close_code=close_code)
 
 
+def _unsupported(code: str, message: str) -> ProtocolError:
+    """A well-formed start asking for something this server does not do."""
+    return ProtocolError(code, message, fatal=True, close_code=UNSUPPORTED_DATA)
+
+
 def parse_start(frame: str | bytes, languages: tuple[str, ...] = ("en",)) -> Start:
     """The first frame of ``/v1/stream``: a JSON ``start`` message."""
     if isinstance(frame, bytes):
@@ -102,11 +107,9 @@ def parse_start(frame: str | bytes, languages: tuple[str, ...] = ("en",)) -> Sta
         )
     language = msg.get("language", "en")
     if language not in languages:
-        raise ProtocolError(
+        raise _unsupported(
             "unsupported_language",
             f"language {language!r} is not supported by this model (supported: {', '.join(languages)})",
-            fatal=True,
-            close_code=UNSUPPORTED_DATA,
         )
     return Start(source, _parse_audio(msg.get("audio", {})), language)
 
@@ -116,26 +119,17 @@ def _parse_audio(audio: object) -> AudioFormat:
         raise _bad_start('"audio" must be an object like {"encoding": "pcm_s16le", "sample_rate": 16000, ...}')
     encoding = audio.get("encoding", "pcm_s16le")
     if encoding not in ENCODINGS:
-        raise ProtocolError(
-            "unsupported_encoding",
-            f"unknown audio encoding {encoding!r}: use one of {', '.join(ENCODINGS)}",
-            fatal=True,
-            close_code=UNSUPPORTED_DATA,
+        raise _unsupported(
+            "unsupported_encoding", f"unknown audio encoding {encoding!r}: use one of {', '.join(ENCODINGS)}"
         )
     rate, channels = audio.get("sample_rate", SAMPLE_RATE), audio.get("channels", 1)
     if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE:
-        raise ProtocolError(
-            "unsupported_audio",
-            f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}",
-            fatal=True,
-            close_code=UNSUPPORTED_DATA,
+        raise _unsupported(
+            "unsupported_audio", f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}"
         )
     if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= MAX_CHANNELS:
-        raise ProtocolError(
-            "unsupported_audio",
-            f"channels must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}",
-            fatal=True,
-            close_code=UNSUPPORTED_DATA,
+        raise _unsupported(
+            "unsupported_audio", f"channels must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}"
         )
     return AudioFormat(encoding, rate, channels)
 

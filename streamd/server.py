@@ -328,7 +328,7 @@ class Daemon:
         return None
 
     async def _refuse(self, ws, outbox: Outbox, sender: asyncio.Task, err: ProtocolError, code: int) -> None:
-        outbox.put(Message("error", json.dumps({**err.message(), "seq": 0})))
+        outbox.put(_error(err))
         outbox.close()
         await sender
         await ws.close(code, str(err)[:120])
@@ -350,7 +350,7 @@ class Daemon:
         try:
             async for _ in ws:
                 err = ProtocolError("read_only", "captions viewers only receive; send audio to /v1/stream")
-                outbox.put(Message("error", json.dumps({**err.message(), "seq": 0})))
+                outbox.put(_error(err))
         except ConnectionClosed:
             pass
         finally:
@@ -376,7 +376,7 @@ class Daemon:
                 log.warning("client %s cut off: more than %d messages waiting", ws.remote_address, outbox.limit)
                 err = ProtocolError("slow_client", f"more than {outbox.limit} finals waiting: reading too slowly", True)
                 with contextlib.suppress(ConnectionClosed, TimeoutError):
-                    await asyncio.wait_for(ws.send(json.dumps({**err.message(), "seq": 0})), 1.0)
+                    await asyncio.wait_for(ws.send(_error(err).text), 1.0)
                 ws.close_timeout = self.config.slow_client_grace_s
                 with contextlib.suppress(ConnectionClosed):
                     await ws.close(POLICY_VIOLATION, "client too slow")
@@ -431,14 +431,14 @@ class Daemon:
                     await writer.drain()
                 if outbox.overflowed:
                     err = ProtocolError("slow_client", f"more than {outbox.limit} finals waiting", True)
-                    writer.write(json.dumps({**err.message(), "seq": 0}).encode() + b"\n")
+                    writer.write(_error(err).text.encode() + b"\n")
 
         sender = asyncio.create_task(deliver())
         outbox.on_overflow = sender.cancel
         try:
             source = self.hub.open(None, "tcp")
         except ProtocolError as err:
-            outbox.put(Message("error", json.dumps({**err.message(), "seq": 0})))
+            outbox.put(_error(err))
             source = None
         if source is not None:
             source.owner = outbox
@@ -498,6 +498,11 @@ def is_loopback_address(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _error(err: ProtocolError) -> Message:
+    """An error outside any stream's numbering (before a source exists, or to one client)."""
+    return Message("error", json.dumps({**err.message(), "seq": 0}))
 
 
 def _address(sock) -> str:

@@ -323,12 +323,7 @@ def pulse(sd, tmp_path: Path) -> Iterator[Pulse]:
             )
         yield Pulse({**os.environ, **client_env})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         log.close()
         for k, v in saved.items():
             if v is None:

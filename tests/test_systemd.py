@@ -137,16 +137,22 @@ needs_activate = pytest.mark.skipif(
 )
 
 
+def socket_activate(address: str) -> subprocess.Popen:
+    """``streamd serve`` behind systemd-socket-activate: started by the first connection, with
+    the listening socket passed in as systemd would."""
+    return subprocess.Popen(
+        ["systemd-socket-activate", "-l", address, sys.executable, "-m", "streamd", "serve"],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 @needs_activate
 def test_socket_activation_serves_on_the_socket_systemd_passes():
     import urllib.request
 
     port = free_port()
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"127.0.0.1:{port}", sys.executable, "-m", "streamd", "serve"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = socket_activate(f"127.0.0.1:{port}")
     try:
         deadline = time.monotonic() + 60
         while True:  # the first connection starts the daemon; it answers once the model is loaded
@@ -168,11 +174,7 @@ def test_socket_activation_serves_on_the_socket_systemd_passes():
 @needs_activate
 def test_a_passed_socket_off_loopback_needs_a_token():
     port = free_port()
-    proc = subprocess.Popen(
-        ["systemd-socket-activate", "-l", f"0.0.0.0:{port}", sys.executable, "-m", "streamd", "serve"],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = socket_activate(f"0.0.0.0:{port}")
     try:
         time.sleep(0.3)
         with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
