@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from npu.backends import BACKENDS
+
 __all__ = ["main"]
 
 
@@ -15,7 +17,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model", metavar="PATH", help="CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"
     )
-    p.add_argument("--backend", default="auto", choices=["auto", "cpu"], help="accelerator (default: auto)")
+    p.add_argument("--backend", default="auto", choices=BACKENDS, help="accelerator (default: auto)")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -132,12 +134,13 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _load_engine(args: argparse.Namespace):
+    from npu.backends import BackendUnavailable
     from npu.engine import Engine
     from npu.weights import ModelError
 
     try:
         return Engine.load(args.model, backend=args.backend)
-    except ModelError as e:
+    except (ModelError, BackendUnavailable) as e:
         print(f"streamd: {e}", file=sys.stderr)
         return None
 

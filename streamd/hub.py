@@ -201,8 +201,10 @@ class Source:
 class Hub:
     """Live sources by id, and the viewers of each id (which outlive sessions)."""
 
-    def __init__(self, ready: dict, config: StreamConfig | None = None, max_streams: int = 16) -> None:
-        self._ready = ready
+    def __init__(
+        self, ready: dict | Callable[[], dict], config: StreamConfig | None = None, max_streams: int = 16
+    ) -> None:
+        self._ready = ready  # or a function: the devices can change (an accelerator stage falls back)
         self.config = config
         self.max_streams = max_streams
         self.sources: dict[str, Source] = {}
@@ -229,7 +231,8 @@ class Hub:
                 close_code=TRY_AGAIN_LATER,
             )
         viewers = self._viewers.setdefault(source_id, set())
-        source = Source(source_id, kind, self._ready, viewers, self.config, on_final=self.on_final)
+        ready = self._ready() if callable(self._ready) else self._ready
+        source = Source(source_id, kind, ready, viewers, self.config, on_final=self.on_final)
         self.sources[source_id] = source
         for outbox in viewers:
             outbox.put(source.ready_message)

@@ -53,10 +53,11 @@ class Metrics:
         r.register(_StageCollector(daemon))
         self.errors = Counter("streamd_client_errors", "Protocol errors sent to clients", ["code"], registry=r)
         self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
-        self._device = daemon.engine.devices.get("encoder", "cpu")
+        self._daemon = daemon
 
     def observe_job(self, job: Job, seconds: float) -> None:
-        self.job_seconds.labels(self._device, "true" if job.final else "false").observe(seconds)
+        device = self._daemon.devices.get("encoder", "cpu")
+        self.job_seconds.labels(device, "true" if job.final else "false").observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
@@ -70,7 +71,7 @@ class _StageCollector:
 
     def collect(self):
         engine, stats = self._daemon.engine, self._daemon.scheduler.stats
-        devices = engine.devices
+        devices = self._daemon.devices
         family = CounterMetricFamily(
             "streamd_stage_seconds",
             "Compute time per pipeline stage and the device that ran it",

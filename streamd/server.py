@@ -85,8 +85,8 @@ class Daemon:
     def __init__(self, engine, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
-        ready = {"model": engine.model_name, "devices": dict(engine.devices)}
-        self.hub = Hub(ready, self.config.stream, self.config.max_streams)
+        self.hub = Hub(lambda: {"model": engine.model_name, "devices": self.devices}, self.config.stream,
+                       self.config.max_streams)  # fmt: skip
         self.scheduler = Scheduler(engine, workers=self.config.workers)
         self.metrics = Metrics(self)
         self.hub.on_final = self.metrics.final_latency.observe
@@ -237,13 +237,19 @@ class Daemon:
             for s in self.hub.sources.values()
         ]
 
+    @property
+    def devices(self) -> dict[str, str]:
+        """The device that runs each stage for live streams: their mel frames are computed on the
+        CPU as audio arrives (``StreamingMel``), whatever the backend's own mel runs on."""
+        return {**self.engine.devices, "mel": "cpu"}
+
     def health(self) -> dict:
         stats = self.scheduler.stats
         lags = [s.lag for s in self.hub.sources.values()]
         return {
             "status": "stopping" if self.stopping else "ok",
             "model": self.engine.model_name,
-            "devices": dict(self.engine.devices),
+            "devices": self.devices,
             "uptime_s": round(time.time() - self.started, 1),
             "streams": [
                 {**info, "lag_s": round(s.lag, 3), "finals": s.finals}

@@ -34,7 +34,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "port": (int, 8765, "websocket + HTTP port (0: any free port)"),
     "tcp_port": (int, None, "also take raw s16le 16 kHz mono audio on this TCP port, JSON lines out"),
     "model": (str, None, "CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"),
-    "backend": (str, "auto", "accelerator: auto or cpu"),
+    "backend": (str, "auto", "accelerator: auto, cpu, xdna, golden or cuda"),
     "file": (str, None, "stream this recording as a source (its id is the file's stem)"),
     "realtime": (bool, False, "play --file at the pace it was spoken"),
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),
@@ -122,6 +122,10 @@ def settings(args: argparse.Namespace, environ: dict[str, str] | None = None) ->
 
 
 def _check(values: dict[str, object]) -> None:
+    from npu.backends import BACKENDS
+
+    if values["backend"] not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {values['backend']!r}")
     if values["vad_aggressiveness"] not in (0, 1, 2, 3):
         raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
     for key in ("workers", "threads", "max_queue", "max_connections", "max_streams", "max_frame_bytes"):
@@ -203,13 +207,14 @@ def serve_main(args: argparse.Namespace) -> int:
     _configure_logging(str(values["log_level"]))
     if log.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per HTTP request otherwise
+    from npu.backends import BackendUnavailable
     from npu.engine import Engine
     from npu.weights import ModelError
 
     _limit_blas_threads(int(values["threads"]))
     try:
         engine = Engine.load(values["model"], backend=str(values["backend"]))
-    except ModelError as e:
+    except (ModelError, BackendUnavailable) as e:
         print(f"streamd: {e}", file=sys.stderr)
         return 1
     try:

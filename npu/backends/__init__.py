@@ -1,18 +1,77 @@
-"""Backends: ``cpu`` (numpy); ``xdna`` and ``cuda`` join through the same interface."""
+"""Backends: ``cpu`` (numpy float32), ``xdna`` (the quantised graph on an AMD XDNA NPU through
+pyxrt, with the CPU behind it), ``golden`` (that quantised graph emulated on the CPU), ``cuda``
+(torch; needs the ``[cuda]`` extra). ``auto`` takes ``xdna`` only when the NPU device, pyxrt and
+the built artifacts are all present, and says why not otherwise."""
 
 from __future__ import annotations
+
+import logging
 
 from ..backend import Backend
 from ..weights import WhisperWeights
 
-__all__ = ["BACKENDS", "create_backend"]
+__all__ = ["BACKENDS", "BackendUnavailable", "create_backend", "xdna_unavailable"]
 
-BACKENDS = ("auto", "cpu")
+BACKENDS = ("auto", "cpu", "xdna", "golden", "cuda")
+
+log = logging.getLogger(__name__)
+
+
+class BackendUnavailable(RuntimeError):
+    """The backend asked for cannot run here; the message says why."""
+
+
+def xdna_unavailable() -> str | None:
+    """Why the xdna backend cannot run here, or ``None`` when device, pyxrt and artifacts exist."""
+    from ..xdna.artifacts import Artifacts, ArtifactsError
+    from ..xdna.runtime import ACCEL_DEVICE, device_present
+
+    if not device_present():
+        return f"no NPU device node {ACCEL_DEVICE}"
+    try:
+        import pyxrt  # noqa: F401
+    except ImportError:
+        return "pyxrt (XRT's Python bindings) is not importable"
+    try:
+        Artifacts.load()
+    except ArtifactsError as e:
+        return str(e)
+    return None
+
+
+def _xdna(weights: WhisperWeights) -> Backend:
+    from ..xdna.runtime import XdnaError
+    from .cpu import CpuBackend
+    from .fallback import FallbackBackend
+    from .xdna import XdnaBackend
+
+    try:
+        return FallbackBackend(XdnaBackend(weights), CpuBackend(weights))
+    except (XdnaError, OSError, RuntimeError) as e:
+        raise BackendUnavailable(f"xdna backend unavailable: {e}") from None
 
 
 def create_backend(weights: WhisperWeights, name: str = "auto") -> Backend:
-    if name in ("auto", "cpu"):
+    if name == "auto":
+        why_not = xdna_unavailable()
+        if why_not is None:
+            return _xdna(weights)
+        log.info("backend auto: cpu (xdna not used: %s)", why_not)
+        name = "cpu"
+    if name == "cpu":
         from .cpu import CpuBackend
 
         return CpuBackend(weights)
+    if name == "xdna":
+        return _xdna(weights)
+    if name == "golden":
+        from .golden import GoldenBackend
+
+        return GoldenBackend(weights)
+    if name == "cuda":
+        try:
+            from .cuda import CudaBackend
+        except ImportError as e:
+            raise BackendUnavailable(f"cuda backend needs torch (pip install 'streamd[cuda]'): {e}") from None
+        return CudaBackend(weights)
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
