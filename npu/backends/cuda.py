@@ -1,0 +1,707 @@
+"""The CUDA backend: the reference graph of :mod:`npu.model` in torch, built for many streams.
+
+Same graph as the numpy engine (query scale folded into the Q projections, unpadded windows of
+any even length, tanh GELU in the encoder and exact GELU in the decoder), run with fp16 weights on
+a GPU or float32 on torch's CPU device (which is how CI checks it against numpy). The mel front end
+runs on the same device; attention is ``scaled_dot_product_attention``.
+
+Besides the one-window :class:`~npu.backend.Backend` interface, two batched entry points serve
+hundreds of live streams from one GPU:
+
+- :meth:`CudaBackend.encode_batch` encodes windows of different lengths together, padded to
+  frame buckets with a key-padding mask, so every window's features equal its unbatched ones;
+- :meth:`CudaBackend.decode_greedy_batch` decodes many windows greedily at once: one launch per
+  step for every stream, on a self-attention KV cache and cross-attention K/V preallocated on the
+  device, argmax on the device, so only the chosen tokens cross to the host at the end. On CUDA
+  each fixed-shape step is captured once as a CUDA graph per (batch, audio, text) bucket and
+  replayed; elsewhere the same step function runs eagerly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..backend import STAGES, Backend, DecoderSession
+from ..mel import HOP_LENGTH, N_FFT, mel_filters
+from ..tokenizer import WhisperTokenizer
+from ..weights import WhisperWeights
+
+__all__ = ["CudaBackend", "GreedyResult", "GreedyRules", "TorchFeatures", "device_label"]
+
+Tensor = torch.Tensor
+
+
+def device_label(device: torch.device) -> str:
+    """What ``devices`` reports: the device that really holds the tensors, GPU model included."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
+    return f"{device.type} (torch)"
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``n`` (the largest one when none does)."""
+    for b in buckets:
+        if n <= b:
+            return b
+    return buckets[-1]
+
+
+@dataclass
+class TorchFeatures:
+    """One window's encoder output on the device, and its cross-attention K/V once computed
+    (shared by fallbacks, beams and the word-alignment pass)."""
+
+    x: Tensor  # [T_audio, d]
+    cross: tuple[list[Tensor], list[Tensor]] | None = None  # per layer [1, H, T_audio, dh]
+
+
+@dataclass(frozen=True)
+class GreedyRules:
+    """Token masks of greedy decoding without timestamps (the streaming mode), as device masks.
+
+    Built from :mod:`npu.decoding`'s own rules by :meth:`from_tokenizer`, so the batched decoder
+    masks exactly what :func:`npu.decoding.decode` masks with ``without_timestamps=True``.
+    """
+
+    eot: int
+    sot: int
+    no_speech: int
+    suppress: tuple[int, ...]  # masked at every step (timestamps included)
+    begin_suppress: tuple[int, ...]  # also masked at the first step of a row without a prefix
+
+    @classmethod
+    def from_tokenizer(cls, tok: WhisperTokenizer, weights: WhisperWeights) -> GreedyRules:
+        from ..decoding import DecodingOptions, _Rules, _suppress_list
+
+        opts = DecodingOptions(without_timestamps=True)
+        rules = _Rules(tok, opts, _suppress_list(tok, opts, weights.suppress_tokens), 0, weights.suppress_tokens_begin)
+        suppress = sorted({*rules.suppress.tolist(), *range(tok.timestamp_begin, weights.dims.n_vocab)})
+        return cls(tok.eot, tok.sot, tok.no_speech, tuple(suppress), tuple(rules.begin_suppress.tolist()))
+
+    @staticmethod
+    def initial_tokens(
+        tok: WhisperTokenizer, prompt: Sequence[int] = (), prefix: Sequence[int] = (), n_text_ctx: int = 448
+    ) -> list[int]:
+        """``<|startofprev|> prompt <|sot|>... <|notimestamps|> prefix``, as decoding builds it."""
+        from ..decoding import DecodingOptions, _initial_tokens
+
+        opts = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix))
+        return _initial_tokens(tok, opts, n_text_ctx)[0]
+
+
+@dataclass
+class GreedyResult:
+    tokens: list[int]  # without eot
+    sum_logprob: float
+    no_speech_prob: float  # NaN when the prompt holds no <|startoftranscript|>
+
+
+class _Session(DecoderSession):
+    """Per-window decoder state: a preallocated self-attention cache ``[B, H, n_text_ctx, dh]`` per
+    layer on the device; the window's cross K/V are shared by every row."""
+
+    def __init__(self, backend: CudaBackend, features: TorchFeatures, batch_size: int) -> None:
+        d = backend.dims
+        self.backend = backend
+        self.cross_k, self.cross_v = backend._cross(features)
+        shape = (batch_size, d.n_text_head, d.n_text_ctx, d.n_text_state // d.n_text_head)
+        self.self_k = [torch.zeros(shape, device=backend.device, dtype=backend.dtype) for _ in range(d.n_text_layer)]
+        self.self_v = [torch.zeros(shape, device=backend.device, dtype=backend.dtype) for _ in range(d.n_text_layer)]
+        self.length = 0
+
+    def forward(self, tokens: np.ndarray, capture: np.ndarray | None = None) -> tuple[Tensor, list[Tensor]]:
+        be = self.backend
+        tokens_t = torch.as_tensor(np.asarray(tokens, dtype=np.int64), device=be.device)
+        b, n = tokens_t.shape
+        start, end = self.length, self.length + n
+        if end > be.dims.n_text_ctx:
+            raise ValueError(f"decoder context full: {end} > {be.dims.n_text_ctx} tokens")
+        x = be.embedding[tokens_t] + be.text_positions[start:end]
+        mask = None
+        if n > 1:  # causal over the new tokens, everything cached before them visible
+            q_pos = torch.arange(start, end, device=be.device)[:, None]
+            mask = torch.arange(end, device=be.device)[None, :] <= q_pos
+
+        def write(li: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            self.self_k[li][:, :, start:end] = k
+            self.self_v[li][:, :, start:end] = v
+            return self.self_k[li][:, :, :end], self.self_v[li][:, :, :end]
+
+        cross_k = [c.expand(b, -1, -1, -1) for c in self.cross_k]
+        cross_v = [c.expand(b, -1, -1, -1) for c in self.cross_v]
+        hidden, captured = be._decoder_layers(x, write, mask, cross_k, cross_v, None, capture=capture)
+        self.length = end
+        return hidden, captured
+
+    @torch.inference_mode()
+    def step(self, tokens: np.ndarray, positions: Sequence[int] = (-1,)) -> np.ndarray:
+        hidden, _ = self.forward(tokens)
+        return self.backend._logits(hidden[:, list(positions)]).cpu().numpy()
+
+    @torch.inference_mode()
+    def reorder(self, source: np.ndarray) -> None:
+        source = np.asarray(source)
+        if np.array_equal(source, np.arange(len(source))):
+            return
+        index = torch.as_tensor(source, dtype=torch.int64, device=self.backend.device)
+        self.self_k = [c.index_select(0, index) for c in self.self_k]
+        self.self_v = [c.index_select(0, index) for c in self.self_v]
+
+
+class _DecodeState:
+    """Static device buffers of the batched greedy decoder for ``capacity`` rows.
+
+    Fixed addresses are what lets a captured CUDA graph be replayed: each call copies its inputs
+    into these buffers, and every bucket's graph works on views of them.
+    """
+
+    def __init__(self, capacity: int, backend: CudaBackend) -> None:
+        d, dev, dt = backend.dims, backend.device, backend.dtype
+        dh = d.n_text_state // d.n_text_head
+        self.capacity = capacity
+        kv = (capacity, d.n_text_head, d.n_text_ctx, dh)
+        cross = (capacity, d.n_text_head, d.n_audio_ctx, dh)
+        self.self_k = [torch.zeros(kv, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
+        self.self_v = [torch.zeros(kv, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
+        self.cross_k = [torch.zeros(cross, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
+        self.cross_v = [torch.zeros(cross, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
+        self.cross_mask = torch.ones(capacity, 1, 1, d.n_audio_ctx, device=dev, dtype=torch.bool)
+        self.tokens = torch.zeros(capacity, device=dev, dtype=torch.int64)
+        self.pos = torch.zeros(capacity, device=dev, dtype=torch.int64)
+        self.limit = torch.zeros(capacity, device=dev, dtype=torch.int64)
+        self.done = torch.ones(capacity, device=dev, dtype=torch.bool)
+        self.sum_lp = torch.zeros(capacity, device=dev, dtype=torch.float32)
+        self.out = torch.zeros(capacity, d.n_text_ctx, device=dev, dtype=torch.int64)
+        self.step = torch.zeros((), device=dev, dtype=torch.int64)
+        self.eot = torch.zeros((), device=dev, dtype=torch.int64)
+        self.bias = torch.zeros(d.n_vocab, device=dev, dtype=torch.float32)  # -inf on suppressed tokens
+        self.rows = torch.arange(capacity, device=dev)
+        self.text_range = torch.arange(d.n_text_ctx, device=dev)
+
+    def mutable(self) -> list[Tensor]:
+        """What one step changes besides the KV cache (saved around a graph's warm-up)."""
+        return [self.tokens, self.pos, self.done, self.sum_lp, self.out, self.step]
+
+    def nbytes_per_row(self) -> int:
+        tensors = [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.cross_mask, self.out]
+        return sum(t.element_size() * t.numel() for t in tensors) // self.capacity
+
+
+class CudaBackend(Backend):
+    """Whisper in torch on one device: fp16 on CUDA, float32 elsewhere (CI checks it on CPU)."""
+
+    name = "cuda"
+    #: Batch sizes the greedy decoder's state and CUDA graphs are built for.
+    batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    #: Cross-attention lengths (encoder positions; 50 per second) a decoder step is built for.
+    audio_buckets: tuple[int, ...] = (500, 1000, 1500)
+    #: Self-attention lengths (tokens) a decoder step is built for.
+    text_buckets: tuple[int, ...] = (64, 128, 256, 448)
+    #: Encoder windows are padded to a multiple of this many mel frames when batched.
+    frame_bucket = 250
+    #: Windows per encoder launch at most (bounds activation memory: about 5 MB per 30 s window).
+    max_encode_batch = 64
+    #: Steps between checks whether every row has finished (each check waits for the device).
+    done_check_every = 4
+
+    def __init__(
+        self, weights: WhisperWeights, device: str | torch.device = "cuda", dtype: torch.dtype | None = None
+    ) -> None:
+        super().__init__(weights)
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("the cuda backend needs a CUDA GPU and a CUDA build of torch; none is available here")
+        if dtype is None:
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.dtype = dtype
+        self.use_graphs = self.device.type == "cuda"
+        self._label = device_label(self.device)
+        self._load(weights)
+        self._state: _DecodeState | None = None
+        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
+        self._graph_pool = None
+        self._lock = threading.Lock()
+
+    # -- weights ---------------------------------------------------------------------------
+
+    def _t(self, array: np.ndarray, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).to(self.device, dtype or self.dtype)
+
+    def _scaled(self, weight: np.ndarray, bias: np.ndarray, rows: int, n_head: int) -> tuple[Tensor, Tensor]:
+        """A projection with the attention scale ``1/sqrt(dh)`` folded into its first ``rows``
+        (the queries), so attention runs with ``scale=1`` as the numpy graph does."""
+        weight, bias = weight.copy(), bias.copy()
+        scale = np.float32((rows // n_head) ** -0.5)
+        weight[:rows] *= scale
+        bias[:rows] *= scale
+        return self._t(weight), self._t(bias)
+
+    def _load(self, w: WhisperWeights) -> None:
+        d = self.dims
+        self.conv1 = (self._t(w["encoder.conv1.weight"]), self._t(w["encoder.conv1.bias"]))
+        self.conv2 = (self._t(w["encoder.conv2.weight"]), self._t(w["encoder.conv2.bias"]))
+        self.audio_positions = self._t(w["encoder.positions"])
+        self.enc_layers = []
+        for i in range(d.n_audio_layer):
+            p = f"encoder.layers.{i}"
+            self.enc_layers.append(
+                {
+                    "attn_ln": (self._t(w[f"{p}.attn_ln.weight"]), self._t(w[f"{p}.attn_ln.bias"])),
+                    "qkv": self._scaled(
+                        w[f"{p}.attn.qkv.weight"], w[f"{p}.attn.qkv.bias"], d.n_audio_state, d.n_audio_head
+                    ),
+                    "out": (self._t(w[f"{p}.attn.out.weight"]), self._t(w[f"{p}.attn.out.bias"])),
+                    "mlp_ln": (self._t(w[f"{p}.mlp_ln.weight"]), self._t(w[f"{p}.mlp_ln.bias"])),
+                    "fc1": (self._t(w[f"{p}.mlp.fc1.weight"]), self._t(w[f"{p}.mlp.fc1.bias"])),
+                    "fc2": (self._t(w[f"{p}.mlp.fc2.weight"]), self._t(w[f"{p}.mlp.fc2.bias"])),
+                }
+            )
+        self.enc_ln = (self._t(w["encoder.ln.weight"]), self._t(w["encoder.ln.bias"]))
+        self.embedding = self._t(w["decoder.embedding"])  # [V, d]; also the output projection
+        self.text_positions = self._t(w["decoder.positions"])
+        # torch's CPU GEMM reads a contiguous [d, V] about 3x faster than a transposed [V, d] for
+        # one row; cuBLAS takes [V, d] as it is, so only other devices keep this extra copy.
+        self.embedding_t = None if self.device.type == "cuda" else self.embedding.t().contiguous()
+        self.dec_layers = []
+        for i in range(d.n_text_layer):
+            p = f"decoder.layers.{i}"
+            self.dec_layers.append(
+                {
+                    "attn_ln": (self._t(w[f"{p}.attn_ln.weight"]), self._t(w[f"{p}.attn_ln.bias"])),
+                    "qkv": self._scaled(
+                        w[f"{p}.attn.qkv.weight"], w[f"{p}.attn.qkv.bias"], d.n_text_state, d.n_text_head
+                    ),
+                    "out": (self._t(w[f"{p}.attn.out.weight"]), self._t(w[f"{p}.attn.out.bias"])),
+                    "cross_ln": (self._t(w[f"{p}.cross_ln.weight"]), self._t(w[f"{p}.cross_ln.bias"])),
+                    "cross_q": self._scaled(
+                        w[f"{p}.cross.q.weight"], w[f"{p}.cross.q.bias"], d.n_text_state, d.n_text_head
+                    ),
+                    "cross_kv": (self._t(w[f"{p}.cross.kv.weight"]), self._t(w[f"{p}.cross.kv.bias"])),
+                    "cross_out": (self._t(w[f"{p}.cross.out.weight"]), self._t(w[f"{p}.cross.out.bias"])),
+                    "mlp_ln": (self._t(w[f"{p}.mlp_ln.weight"]), self._t(w[f"{p}.mlp_ln.bias"])),
+                    "fc1": (self._t(w[f"{p}.mlp.fc1.weight"]), self._t(w[f"{p}.mlp.fc1.bias"])),
+                    "fc2": (self._t(w[f"{p}.mlp.fc2.weight"]), self._t(w[f"{p}.mlp.fc2.bias"])),
+                }
+            )
+        self.dec_ln = (self._t(w["decoder.ln.weight"]), self._t(w["decoder.ln.bias"]))
+        # The mel front end stays float32 on every device: it is cheap and its log is sensitive.
+        self.mel_filters = self._t(mel_filters(d.n_mels), torch.float32)
+        self.window = torch.hann_window(N_FFT, periodic=True, device=self.device, dtype=torch.float32)
+
+    @property
+    def devices(self) -> dict[str, str]:
+        return dict.fromkeys(STAGES, self._label)
+
+    # -- mel -------------------------------------------------------------------------------
+
+    def _log10_mel(self, audio: Tensor) -> Tensor:
+        """Unnormalised log10 mel ``[..., n_mels, frames]`` of ``audio`` ``[..., samples]`` (float32)."""
+        if audio.shape[-1] <= N_FFT // 2:  # reflect padding needs more samples than the pad
+            audio = F.pad(audio, (0, N_FFT // 2 + 1 - audio.shape[-1]))
+        spec = torch.stft(
+            audio, N_FFT, HOP_LENGTH, window=self.window, center=True, pad_mode="reflect", return_complex=True
+        )
+        power = torch.view_as_real(spec[..., :-1]).square().sum(-1)  # Whisper drops the last frame
+        return torch.log10(torch.clamp(self.mel_filters @ power, min=1e-10))
+
+    @staticmethod
+    def _normalise(log_spec: Tensor, frames: Tensor | None = None) -> Tensor:
+        """Whisper's ``max - 8`` floor and ``(x + 4) / 4``; the max over each row's own frames."""
+        if frames is None:
+            peak = log_spec.amax(dim=(-2, -1), keepdim=True)
+        else:
+            valid = torch.arange(log_spec.shape[-1], device=log_spec.device) < frames[:, None]
+            peak = log_spec.masked_fill(~valid[:, None, :], -torch.inf).amax(dim=(-2, -1), keepdim=True)
+        return (torch.maximum(log_spec, peak - 8.0) + 4.0) / 4.0
+
+    @torch.inference_mode()
+    def log_mel_tensor(self, audio: np.ndarray | Tensor, padding: int = 0) -> Tensor:
+        """:meth:`log_mel` left on the device, float32 ``[n_mels, frames]``."""
+        audio_t = torch.as_tensor(audio, dtype=torch.float32).to(self.device).reshape(-1)
+        if padding:
+            audio_t = F.pad(audio_t, (0, padding))
+        return self._normalise(self._log10_mel(audio_t))
+
+    def log_mel(self, audio: np.ndarray, padding: int = 0) -> np.ndarray:
+        return self.log_mel_tensor(audio, padding).cpu().numpy()
+
+    @torch.inference_mode()
+    def log_mel_batch(self, audios: Sequence[np.ndarray], paddings: Sequence[int] | int = 0) -> list[Tensor]:
+        """Mels of many windows in one STFT, each equal to ``log_mel_tensor(audio, padding)``.
+
+        Rows are zero-padded to a common length; that changes nothing for a row whose own padding
+        covers the STFT's reflection (``N_FFT // 2`` samples), which every engine window has. Rows
+        with less padding are computed on their own.
+        """
+        if isinstance(paddings, int):
+            paddings = [paddings] * len(audios)
+        out: list[Tensor | None] = [None] * len(audios)
+        batch = [i for i, p in enumerate(paddings) if p >= N_FFT // 2]
+        for i in set(range(len(audios))) - set(batch):
+            out[i] = self.log_mel_tensor(audios[i], paddings[i])
+        if batch:
+            lengths = [len(audios[i]) + paddings[i] for i in batch]
+            stacked = np.zeros((len(batch), max(lengths)), np.float32)
+            for row, i in enumerate(batch):
+                stacked[row, : len(audios[i])] = audios[i]
+            frames = torch.tensor([n // HOP_LENGTH for n in lengths], device=self.device)
+            mels = self._normalise(self._log10_mel(torch.from_numpy(stacked).to(self.device)), frames)
+            for row, i in enumerate(batch):
+                out[i] = mels[row, :, : lengths[row] // HOP_LENGTH]
+        return [m for m in out if m is not None]
+
+    # -- encoder ---------------------------------------------------------------------------
+
+    def _check_mel(self, mel: np.ndarray | Tensor) -> Tensor:
+        d = self.dims
+        frames = mel.shape[-1]
+        if mel.ndim != 2 or mel.shape[0] != d.n_mels or frames % 2 or not 0 < frames <= 2 * d.n_audio_ctx:
+            raise ValueError(f"mel must be [{d.n_mels}, even frames <= {2 * d.n_audio_ctx}], got {tuple(mel.shape)}")
+        if isinstance(mel, np.ndarray):
+            mel = torch.from_numpy(np.ascontiguousarray(mel, dtype=np.float32))
+        return mel.to(self.device)
+
+    def _encoder(self, mel: Tensor, frames: Sequence[int] | None = None) -> Tensor:
+        """Mels ``[B, n_mels, F]`` -> features ``[B, F // 2, d]``. ``frames``: each row's real
+        length (the rest is zero padding, masked out of attention)."""
+        d = self.dims
+        x = F.gelu(F.conv1d(mel.to(self.dtype), *self.conv1, padding=1), approximate="tanh")
+        x = F.gelu(F.conv1d(x, *self.conv2, stride=2, padding=1), approximate="tanh")
+        x = x.transpose(1, 2) + self.audio_positions[: x.shape[-1]]
+        b, t, _ = x.shape
+        mask = None
+        if frames is not None and any(f // 2 < t for f in frames):
+            lengths = torch.tensor([f // 2 for f in frames], device=self.device)
+            mask = (torch.arange(t, device=self.device)[None, :] < lengths[:, None])[:, None, None, :]
+        h, dh = d.n_audio_head, d.n_audio_state // d.n_audio_head
+        for layer in self.enc_layers:
+            qkv = F.linear(F.layer_norm(x, (d.n_audio_state,), *layer["attn_ln"]), *layer["qkv"])
+            q, k, v = qkv.view(b, t, 3, h, dh).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, t, d.n_audio_state), *layer["out"])
+            hidden = F.gelu(
+                F.linear(F.layer_norm(x, (d.n_audio_state,), *layer["mlp_ln"]), *layer["fc1"]), approximate="tanh"
+            )
+            x = x + F.linear(hidden, *layer["fc2"])
+        return F.layer_norm(x, (d.n_audio_state,), *self.enc_ln)
+
+    @torch.inference_mode()
+    def encode(self, mel: np.ndarray | Tensor) -> TorchFeatures:
+        return TorchFeatures(self._encoder(self._check_mel(mel)[None])[0])
+
+    @torch.inference_mode()
+    def encode_batch(self, mels: Sequence[np.ndarray | Tensor]) -> list[TorchFeatures]:
+        """Encode windows of any even lengths together, in the order given.
+
+        Windows are grouped by length bucket (:attr:`frame_bucket` frames) and each group runs as
+        one launch of at most :attr:`max_encode_batch`, zero-padded with a key-padding mask: a
+        window's features equal :meth:`encode`'s to floating-point tolerance.
+        """
+        checked = [self._check_mel(m) for m in mels]
+        limit = 2 * self.dims.n_audio_ctx
+        groups: dict[int, list[int]] = {}
+        for i, m in enumerate(checked):
+            size = min(limit, math.ceil(m.shape[-1] / self.frame_bucket) * self.frame_bucket)
+            groups.setdefault(size + size % 2, []).append(i)
+        out: list[TorchFeatures | None] = [None] * len(checked)
+        for size, members in groups.items():
+            for first in range(0, len(members), self.max_encode_batch):
+                chunk = members[first : first + self.max_encode_batch]
+                frames = [checked[i].shape[-1] for i in chunk]
+                batch = torch.zeros(len(chunk), self.dims.n_mels, size, device=self.device, dtype=torch.float32)
+                for row, i in enumerate(chunk):
+                    batch[row, :, : frames[row]] = checked[i]
+                x = self._encoder(batch, frames)
+                for row, i in enumerate(chunk):
+                    out[i] = TorchFeatures(x[row, : frames[row] // 2])
+        return [f for f in out if f is not None]
+
+    # -- decoder ---------------------------------------------------------------------------
+
+    def _decoder_layers(
+        self,
+        x: Tensor,
+        write,
+        self_mask: Tensor | None,
+        cross_k: list[Tensor],
+        cross_v: list[Tensor],
+        cross_mask: Tensor | None,
+        capture: np.ndarray | None = None,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """The decoder's blocks over ``x`` ``[B, n, d]``. ``write(layer, k, v)`` stores the new
+        self-attention keys/values ``[B, H, n, dh]`` and returns the ones to attend to. For each
+        ``(layer, head)`` of ``capture``, the raw cross-attention scores ``[B, n, T]`` are kept."""
+        d = self.dims
+        b, n, _ = x.shape
+        h, dh = d.n_text_head, d.n_text_state // d.n_text_head
+        captured: list[Tensor] = []
+        for li, layer in enumerate(self.dec_layers):
+            qkv = F.linear(F.layer_norm(x, (d.n_text_state,), *layer["attn_ln"]), *layer["qkv"])
+            q, k, v = qkv.view(b, n, 3, h, dh).permute(2, 0, 3, 1, 4)
+            keys, values = write(li, k, v)
+            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=self_mask, scale=1.0, is_causal=is_causal)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, n, d.n_text_state), *layer["out"])
+
+            q = F.linear(F.layer_norm(x, (d.n_text_state,), *layer["cross_ln"]), *layer["cross_q"])
+            q = q.view(b, n, h, dh).transpose(1, 2)
+            if capture is not None:
+                for layer_i, head in capture:
+                    if layer_i == li:
+                        captured.append(q[:, head] @ cross_k[li][:, head].transpose(-1, -2))
+            a = F.scaled_dot_product_attention(q, cross_k[li], cross_v[li], attn_mask=cross_mask, scale=1.0)
+            x = x + F.linear(a.transpose(1, 2).reshape(b, n, d.n_text_state), *layer["cross_out"])
+
+            hidden = F.gelu(F.linear(F.layer_norm(x, (d.n_text_state,), *layer["mlp_ln"]), *layer["fc1"]))
+            x = x + F.linear(hidden, *layer["fc2"])
+        return F.layer_norm(x, (d.n_text_state,), *self.dec_ln), captured
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits (tied to the embedding), float32."""
+        if self.embedding_t is not None:
+            return (hidden @ self.embedding_t).float()
+        return F.linear(hidden, self.embedding).float()
+
+    def _cross_kv(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Cross-attention K and V ``[B, H, T, dh]`` of every layer for features ``[B, T, d]``."""
+        d = self.dims
+        b, t, _ = x.shape
+        keys, values = [], []
+        for layer in self.dec_layers:
+            kv = F.linear(x, *layer["cross_kv"]).view(b, t, 2, d.n_text_head, d.n_text_state // d.n_text_head)
+            k, v = kv.permute(2, 0, 3, 1, 4)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+    def _cross(self, features: TorchFeatures) -> tuple[list[Tensor], list[Tensor]]:
+        if features.cross is None:
+            keys, values = self._cross_kv(features.x[None])
+            features.cross = ([k.contiguous() for k in keys], [v.contiguous() for v in values])
+        return features.cross
+
+    @torch.inference_mode()
+    def decoder(self, features: object, batch_size: int = 1) -> DecoderSession:
+        assert isinstance(features, TorchFeatures)
+        return _Session(self, features, batch_size)
+
+    @torch.inference_mode()
+    def alignment(self, features: object, tokens: np.ndarray) -> np.ndarray:
+        assert isinstance(features, TorchFeatures)
+        session = _Session(self, features, 1)
+        _, qk = session.forward(np.asarray(tokens, dtype=np.int64)[None], capture=self.weights.alignment_heads)
+        return torch.stack([s[0] for s in qk]).float().cpu().numpy()
+
+    # -- batched greedy decoding -----------------------------------------------------------
+
+    def decode_state_bytes_per_stream(self) -> int:
+        """Device memory the batched decoder reserves per stream (KV cache, cross K/V, outputs)."""
+        d = self.dims
+        elem = torch.finfo(self.dtype).bits // 8
+        kv = 2 * d.n_text_layer * d.n_text_state * (d.n_text_ctx + d.n_audio_ctx) * elem
+        return kv + d.n_audio_ctx + 8 * d.n_text_ctx
+
+    def _state_for(self, rows: int) -> _DecodeState:
+        """The static buffers, grown to the batch bucket of ``rows`` (growing drops the graphs
+        captured on the old buffers)."""
+        if self._state is None or self._state.capacity < rows:
+            self._graphs.clear()
+            self._state = None
+            self._state = _DecodeState(_bucket(rows, self.batch_buckets), self)
+        return self._state
+
+    def _step(self, st: _DecodeState, b: int, a: int, s: int) -> None:
+        """One greedy step of rows ``[:b]``, attending to ``a`` encoder positions and ``s`` cache
+        slots; reads and writes only ``st``'s buffers, so it can be captured as a CUDA graph."""
+        rows, pos = st.rows[:b], st.pos[:b]
+        x = (self.embedding[st.tokens[:b]] + self.text_positions[pos])[:, None]
+        self_mask = (st.text_range[:s][None, :] <= pos[:, None])[:, None, None, :]
+
+        def write(li: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            cache_k, cache_v = st.self_k[li][:b], st.self_v[li][:b]
+            cache_k[rows, :, pos] = k[:, :, 0]
+            cache_v[rows, :, pos] = v[:, :, 0]
+            return cache_k[:, :, :s], cache_v[:, :, :s]
+
+        cross_k = [c[:b, :, :a] for c in st.cross_k]
+        cross_v = [c[:b, :, :a] for c in st.cross_v]
+        hidden, _ = self._decoder_layers(x, write, self_mask, cross_k, cross_v, st.cross_mask[:b, :, :, :a])
+        logits = self._logits(hidden[:, 0]) + st.bias
+        live = ~st.done[:b]
+        chosen = logits.argmax(-1)
+        logprob = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
+        st.sum_lp[:b] += torch.where(live, logprob, 0.0)
+        chosen = torch.where(live, chosen, st.eot)
+        st.out[:b].scatter_(1, st.step.view(1, 1).expand(b, 1), chosen[:, None])
+        st.done[:b] |= (chosen == st.eot) | (st.step + 1 >= st.limit[:b])
+        st.tokens[:b] = chosen
+        st.pos[:b] = (pos + 1).clamp(max=self.dims.n_text_ctx - 1)
+        st.step.copy_((st.step + 1).clamp(max=self.dims.n_text_ctx - 1))
+
+    def _run_step(self, st: _DecodeState, b: int, a: int, s: int) -> None:
+        if not self.use_graphs:
+            self._step(st, b, a, s)
+            return
+        graph = self._graphs.get((b, a, s))
+        if graph is None:
+            graph = self._capture(st, b, a, s)
+        graph.replay()
+
+    def _capture(self, st: _DecodeState, b: int, a: int, s: int) -> torch.cuda.CUDAGraph:
+        """Capture one step for this bucket (CUDA only). Warm-up runs execute for real, so the
+        state they advance is put back; the KV slots they write are rewritten by the real step."""
+        saved = [t.clone() for t in st.mutable()]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(st, b, a, s)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for t, v in zip(st.mutable(), saved, strict=True):
+            t.copy_(v)
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # Every graph keeps its results in ``st``, so one pool serves all of them: no two replay at once.
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            self._step(st, b, a, s)
+        self._graphs[(b, a, s)] = graph
+        return graph
+
+    @torch.inference_mode()
+    def decode_greedy_batch(
+        self,
+        features_list: Sequence[TorchFeatures],
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int | Sequence[int] = 224,
+        *,
+        rules: GreedyRules,
+        prefixed: Sequence[bool] | None = None,
+        return_scores: bool = False,
+    ) -> list[list[int]] | list[GreedyResult]:
+        """Greedy-decode many windows together; row ``i`` decodes ``features_list[i]`` after
+        ``prompts[i]`` (its full initial tokens, see :meth:`GreedyRules.initial_tokens`).
+
+        Gives the tokens :func:`npu.decoding.decode` gives with ``without_timestamps=True`` and
+        ``sample_len=max_tokens`` (no loop guard): masks from ``rules``; ``prefixed[i]`` (a forced
+        prefix ends the prompt) lifts the first-step blank suppression, as decoding does. Returns
+        each row's tokens without eot, or :class:`GreedyResult` with ``return_scores``.
+        """
+        if len(features_list) != len(prompts):
+            raise ValueError(f"{len(features_list)} windows but {len(prompts)} prompts")
+        limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
+        prefixed = list(prefixed) if prefixed is not None else [False] * len(prompts)
+        chunk = self.batch_buckets[-1]
+        results: list[GreedyResult] = []
+        # Graph capture and replay use the current CUDA device: make it this backend's.
+        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with self._lock, on_device:
+            for first in range(0, len(prompts), chunk):
+                part = slice(first, first + chunk)
+                results += self._greedy(features_list[part], prompts[part], limits[part], prefixed[part], rules)
+        return results if return_scores else [r.tokens for r in results]
+
+    def _greedy(
+        self,
+        feats: Sequence[TorchFeatures],
+        prompts: Sequence[Sequence[int]],
+        limits: list[int],
+        prefixed: list[bool],
+        rules: GreedyRules,
+    ) -> list[GreedyResult]:
+        d, dev = self.dims, self.device
+        n = len(prompts)
+        if n == 0:
+            return []
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1 or max(lengths) >= d.n_text_ctx:
+            raise ValueError(f"prompts must hold 1 to {d.n_text_ctx - 1} tokens")
+        limits = [max(1, min(m, d.n_text_ctx - length)) for m, length in zip(limits, lengths, strict=True)]
+        b = _bucket(n, self.batch_buckets)
+        st = self._state_for(b)
+        frames = [f.x.shape[0] for f in feats]
+        a = _bucket(max(frames), self.audio_buckets)
+
+        # Cross K/V of every window into the static buffers, padded positions masked out.
+        x = torch.nn.utils.rnn.pad_sequence([f.x for f in feats], batch_first=True)
+        keys, values = self._cross_kv(F.pad(x, (0, 0, 0, a - x.shape[1])))
+        for li in range(d.n_text_layer):
+            st.cross_k[li][:n, :, :a] = keys[li]
+            st.cross_v[li][:n, :, :a] = values[li]
+        t_audio = torch.tensor(frames, device=dev)
+        st.cross_mask[:n, 0, 0, :a] = torch.arange(a, device=dev)[None, :] < t_audio[:, None]
+        st.cross_mask[n:b] = True  # unused rows: finite attention, results ignored
+
+        # The prompts in one causal pass, right-padded; each row's last real position picks its
+        # first token. Cache slots past a row's prompt are overwritten before they are attended.
+        width = max(lengths)
+        padded = np.full((n, width), rules.eot, np.int64)
+        for i, p in enumerate(prompts):
+            padded[i, : len(p)] = p
+        tokens = torch.from_numpy(padded).to(dev)
+        x = self.embedding[tokens] + self.text_positions[:width]
+
+        def write(li: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+            st.self_k[li][:n, :, :width] = k
+            st.self_v[li][:n, :, :width] = v
+            return k, v
+
+        cross_k = [c[:n, :, :a] for c in st.cross_k]
+        cross_v = [c[:n, :, :a] for c in st.cross_v]
+        hidden, _ = self._decoder_layers(
+            x, write, None, cross_k, cross_v, st.cross_mask[:n, :, :, :a], is_causal=width > 1
+        )
+        rows = torch.arange(n, device=dev)
+        last = torch.tensor(lengths, device=dev) - 1
+        st.bias.zero_()
+        st.bias[list(rules.suppress)] = -torch.inf
+        logits = self._logits(hidden[rows, last]) + st.bias
+        begin = torch.zeros(d.n_vocab, device=dev, dtype=torch.bool)
+        begin[list(rules.begin_suppress)] = True
+        no_prefix = torch.tensor([not p for p in prefixed], device=dev)
+        logits.masked_fill_(no_prefix[:, None] & begin[None, :], -torch.inf)
+        chosen = logits.argmax(-1)
+        st.sum_lp[:n] = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
+        st.limit[:n] = torch.tensor(limits, device=dev)
+        st.eot.fill_(rules.eot)
+        st.out[:n, 0] = chosen
+        st.done[:n] = (chosen == rules.eot) | (st.limit[:n] <= 1)
+        st.done[n:b] = True
+        st.tokens[:n] = chosen
+        st.tokens[n:b] = rules.eot
+        st.pos[:n] = last + 1
+        st.pos[n:b] = 0
+        st.step.fill_(1)
+        no_speech = torch.full((n,), float("nan"), device=dev)
+        sot = [p.index(rules.sot) if rules.sot in p else -1 for p in map(list, prompts)]
+        with_sot = [i for i, s in enumerate(sot) if s >= 0]
+        if with_sot and rules.no_speech >= 0:
+            idx = torch.tensor(with_sot, device=dev)
+            at = torch.tensor([sot[i] for i in with_sot], device=dev)
+            probs = self._logits(hidden[idx, at]).softmax(-1)[:, rules.no_speech]
+            no_speech[idx] = probs
+
+        steps = max(limits)
+        for i in range(1, steps):
+            self._run_step(st, b, a, _bucket(min(width + i, d.n_text_ctx), self.text_buckets))
+            if i % self.done_check_every == 0 and bool(st.done[:n].all()):
+                break
+        out = st.out[:n, :steps].cpu().numpy()
+        sum_lp = st.sum_lp[:n].cpu().numpy()
+        no_speech_host = no_speech.cpu().numpy()
+        results = []
+        for i in range(n):
+            row = out[i, : limits[i]].tolist()
+            if rules.eot in row:
+                row = row[: row.index(rules.eot)]
+            results.append(GreedyResult(row, float(sum_lp[i]), float(no_speech_host[i])))
+        return results
