@@ -34,7 +34,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "port": (int, 8765, "websocket + HTTP port (0: any free port)"),
     "tcp_port": (int, None, "also take raw s16le 16 kHz mono audio on this TCP port, JSON lines out"),
     "model": (str, None, "CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"),
-    "backend": (str, "auto", "accelerator: auto, cpu, xdna, golden or cuda"),
+    "backend": (str, "auto", "accelerator: auto, cpu, xdna, xdna-all, golden or cuda"),
     "file": (str, None, "stream this recording as a source (its id is the file's stem)"),
     "realtime": (bool, False, "play --file at the pace it was spoken"),
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),

@@ -202,7 +202,7 @@ def xdna_engine(engine, artifacts, pyxrt, monkeypatch):
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
     from npu.backends import create_backend
 
-    xdna_engine = Engine(engine.weights, create_backend(engine.weights, "xdna"), engine.tokenizer)
+    xdna_engine = Engine(engine.weights, create_backend(engine.weights, "xdna-all"), engine.tokenizer)
     yield xdna_engine
     del xdna_engine
     gc.collect()  # a process has 6 hardware contexts in all: give these back
@@ -257,6 +257,24 @@ def test_auto_takes_xdna_when_device_pyxrt_and_artifacts_are_there(engine, artif
     monkeypatch.setattr(runtime, "device_present", lambda: True)
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
     assert xdna_unavailable() is None
-    assert create_backend(engine.weights, "auto").name == "xdna"
+    backend = create_backend(engine.weights, "auto")
+    assert backend.name == "xdna" and backend.devices["encoder"].startswith("xdna")
+    assert backend.devices["decoder"] == "cpu", "the placement the performance model implies"
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root / "missing"))
     assert "no NPU artifacts" in xdna_unavailable()
+
+
+def test_default_placement_decodes_the_npu_encoder_output_on_the_cpu(engine, artifacts, pyxrt, monkeypatch, golden):
+    from npu.backends import create_backend
+
+    monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
+    backend = create_backend(engine.weights, "xdna")
+    audio, _ = sf.read(CORPUS / "dev_librispeech_1221-135766-0002.wav", dtype="float32")
+    mel = golden.log_mel(audio)[:, :300]
+    features = backend.encode(mel)
+    session = backend.decoder(features)
+    want = engine.backend.decoder(type(engine.backend.encode(mel))(golden.encode(mel).x)).step(np.array([SOT]))
+    assert np.array_equal(session.step(np.array([SOT])), want)
+    assert backend.devices == {**backend.devices, "decoder": "cpu"} and backend.devices["encoder"].startswith("xdna")
+    del backend, features, session
+    gc.collect()

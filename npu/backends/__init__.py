@@ -1,7 +1,9 @@
-"""Backends: ``cpu`` (numpy float32), ``xdna`` (the quantised graph on an AMD XDNA NPU through
-pyxrt, with the CPU behind it), ``golden`` (that quantised graph emulated on the CPU), ``cuda``
-(torch; needs the ``[cuda]`` extra). ``auto`` takes ``xdna`` only when the NPU device, pyxrt and
-the built artifacts are all present, and says why not otherwise."""
+"""Backends: ``cpu`` (numpy float32); ``xdna`` (the quantised encoder and mel on an AMD XDNA NPU
+through pyxrt, the decoder on the CPU: the placement :mod:`npu.xdna.perf` predicts to be fastest,
+with the CPU behind every NPU stage); ``xdna-all`` (the decoder on the NPU too, its KV cache in
+device buffers); ``golden`` (the quantised graph emulated on the CPU); ``cuda`` (torch; needs
+the ``[cuda]`` extra). ``auto`` takes ``xdna`` only when the NPU device, pyxrt and the built
+artifacts are all present, and says why not otherwise."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from ..weights import WhisperWeights
 
 __all__ = ["BACKENDS", "BackendUnavailable", "create_backend", "xdna_unavailable"]
 
-BACKENDS = ("auto", "cpu", "xdna", "golden", "cuda")
+BACKENDS = ("auto", "cpu", "xdna", "xdna-all", "golden", "cuda")
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +41,14 @@ def xdna_unavailable() -> str | None:
     return None
 
 
-def _xdna(weights: WhisperWeights) -> Backend:
+def _xdna(weights: WhisperWeights, decoder_on: str) -> Backend:
     from ..xdna.runtime import XdnaError
     from .cpu import CpuBackend
     from .fallback import FallbackBackend
     from .xdna import XdnaBackend
 
     try:
-        return FallbackBackend(XdnaBackend(weights), CpuBackend(weights))
+        return FallbackBackend(XdnaBackend(weights, decoder_on=decoder_on), CpuBackend(weights))
     except (XdnaError, OSError, RuntimeError) as e:
         raise BackendUnavailable(f"xdna backend unavailable: {e}") from None
 
@@ -55,15 +57,15 @@ def create_backend(weights: WhisperWeights, name: str = "auto") -> Backend:
     if name == "auto":
         why_not = xdna_unavailable()
         if why_not is None:
-            return _xdna(weights)
+            return _xdna(weights, "cpu")
         log.info("backend auto: cpu (xdna not used: %s)", why_not)
         name = "cpu"
     if name == "cpu":
         from .cpu import CpuBackend
 
         return CpuBackend(weights)
-    if name == "xdna":
-        return _xdna(weights)
+    if name in ("xdna", "xdna-all"):
+        return _xdna(weights, "cpu" if name == "xdna" else "npu")
     if name == "golden":
         from .golden import GoldenBackend
 

@@ -27,7 +27,9 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "ABI",
     "OPS",
+    "OUTPUTS",
     "STAGES",
     "SYNTHETIC_MAGIC",
     "Artifacts",
@@ -56,6 +58,24 @@ OPS: dict[str, tuple[str, ...]] = {
     "mel_log": ("spec", "out"),
 }
 OP_CODES = {name: i + 1 for i, name in enumerate(OPS)}
+
+# The kernels' ABI per op, in the order of OPS: each operand's numpy dtype and shape, from the
+# call's sizes: "mk" [m, k], "kn" [k, n], "mn" [m, n], or a vector "m" / "n" (times ``batch``).
+ABI: dict[str, tuple[tuple[str, str], ...]] = {
+    "gemm": (("i1", "mk"), ("i1", "kn"), ("i4", "mn")),
+    "gemm_i16": (("i2", "mk"), ("i1", "kn"), ("i4", "mn")),
+    "quantize": (("f4", "mn"), ("i1", "mn"), ("f4", "m")),
+    "quantize_i16": (("f4", "mn"), ("i2", "mn"), ("f4", "m")),
+    "dequant": (("i4", "mn"), ("f4", "m"), ("f4", "n"), ("f4", "n"), ("f4", "mn"), ("f4", "mn")),
+    "requant": (("i4", "mn"), ("i4", "n"), ("i1", "n"), ("i1", "mn")),
+    "softmax": (("f4", "mn"), ("i4", "m"), ("f4", "n"), ("f4", "mn")),
+    "layernorm": (("f4", "mn"), ("f4", "n"), ("f4", "n"), ("f4", "mn")),
+    "gelu": (("f4", "mn"), ("f4", "mn"), ("f4", "mn")),
+    "dft": (("i2", "mk"), ("i2", "kn"), ("i4", "mn")),
+    "mel_log": (("i4", "mk"), ("f4", "mn")),
+}
+OUTPUTS = {"gemm": {2}, "gemm_i16": {2}, "quantize": {1, 2}, "quantize_i16": {1, 2}, "dequant": {5}, "requant": {3}}
+OUTPUTS.update({"softmax": {3}, "layernorm": {3}, "gelu": {2}, "dft": {2}, "mel_log": {1}})
 SYNTHETIC_MAGIC = 0x4D525453  # "STRM"
 SYNTHETIC_VERSION = 1
 
@@ -103,6 +123,17 @@ class Call:
     @property
     def flags(self) -> int:
         return sum(1 << i for i, o in enumerate(self.operands) if o.present)
+
+    def operand_bytes(self) -> list[int]:
+        """Bytes each present operand covers (what its DMA moves), in operand order."""
+        dims = {"m": self.m, "k": self.k, "n": self.n}
+        out = []
+        for (dtype, kind), o in zip(ABI[self.op], self.operands, strict=True):
+            count = self.batch
+            for d in kind:
+                count *= dims[d]
+            out.append(count * np.dtype(dtype).itemsize if o.present else 0)
+        return out
 
     def key(self) -> str:
         """The instruction-stream key: the shape and every access pattern."""

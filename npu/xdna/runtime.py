@@ -83,6 +83,7 @@ class Runtime:
         self._pool: dict[int, list[object]] = {}
         self._group: int | None = None
         self._dummy: object | None = None
+        self.trace: list[tuple[str, Call]] | None = None  # set to a list to record calls (npu.xdna.perf)
 
     # -- contexts and kernels -------------------------------------------------------------
 
@@ -185,6 +186,8 @@ class Runtime:
         run.set_arg(2, words)
         for i, bo in enumerate(bos):
             run.set_arg(3 + i, bo if bo is not None else self._dummy_bo())
+        if self.trace is not None:
+            self.trace.append((stage, call))
         self.stats.dispatches += 1
         self.stats.by_op[call.op] = self.stats.by_op.get(call.op, 0) + 1
         return run

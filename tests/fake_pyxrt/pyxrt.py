@@ -25,6 +25,8 @@ import weakref
 import numpy as np
 
 from npu import golden
+from npu.xdna.artifacts import ABI as _ABI
+from npu.xdna.artifacts import OUTPUTS as _OUTPUTS
 from npu.xdna.artifacts import decode_synthetic
 
 MAX_CONTEXTS = 6
@@ -226,24 +228,6 @@ class kernel:
             r.set_arg(i, a)
         r.start()
         return r
-
-
-# Operand dtypes and shapes, per op, in argument order (the kernels' ABI).
-_ABI = {
-    "gemm": (("i1", "mk"), ("i1", "kn"), ("i4", "mn")),
-    "gemm_i16": (("i2", "mk"), ("i1", "kn"), ("i4", "mn")),
-    "quantize": (("f4", "mn"), ("i1", "mn"), ("f4", "m")),
-    "quantize_i16": (("f4", "mn"), ("i2", "mn"), ("f4", "m")),
-    "dequant": (("i4", "mn"), ("f4", "m"), ("f4", "n"), ("f4", "n"), ("f4", "mn"), ("f4", "mn")),
-    "requant": (("i4", "mn"), ("i4", "n"), ("i1", "n"), ("i1", "mn")),
-    "softmax": (("f4", "mn"), ("i4", "m"), ("f4", "n"), ("f4", "mn")),
-    "layernorm": (("f4", "mn"), ("f4", "n"), ("f4", "n"), ("f4", "mn")),
-    "gelu": (("f4", "mn"), ("f4", "mn"), ("f4", "mn")),
-    "dft": (("i2", "mk"), ("i2", "kn"), ("i4", "mn")),
-    "mel_log": (("i4", "mk"), ("f4", "mn")),
-}
-_OUTPUTS = {"gemm": {2}, "gemm_i16": {2}, "quantize": {1, 2}, "quantize_i16": {1, 2}, "dequant": {5}}
-_OUTPUTS.update({"requant": {3}, "softmax": {3}, "layernorm": {3}, "gelu": {2}, "dft": {2}, "mel_log": {1}})
 
 
 def _view(b: bo, dtype: str, kind: str, call, operand) -> np.ndarray:
