@@ -141,20 +141,22 @@ class XdnaBackend(Backend):
         n, k = q.weight.shape
         return _Linear(self.upload(q.weight), self.upload(q.scale), bias, n, k, q.activation_bits)
 
+    def _norm(self, params: tuple[np.ndarray, np.ndarray]) -> tuple[Tensor, Tensor]:
+        return self.upload(params[0]), self.upload(params[1])
+
+    def _layer(self, layer: dict) -> dict:
+        """A transformer layer's weights on the device: layer norms as (gamma, beta), the rest linear."""
+        return {k: self._norm(v) if k.endswith("_ln") else self._linear(v) for k, v in layer.items()}
+
     def _upload_weights(self) -> None:
         enc, dec = self.model.encoder, self.model.decoder
         self.conv1 = [self._linear(t) for t in enc.conv1]
         self.conv2 = [self._linear(t) for t in enc.conv2]
         self.enc_positions = self.upload(enc.positions)
-        ln = lambda p: (self.upload(p[0]), self.upload(p[1]))  # noqa: E731
-        self.enc_layers = [
-            {k: (ln(v) if k.endswith("_ln") else self._linear(v)) for k, v in layer.items()} for layer in enc.layers
-        ]
-        self.enc_ln_post = ln(enc.ln_post)
-        self.dec_layers = [
-            {k: (ln(v) if k.endswith("_ln") else self._linear(v)) for k, v in layer.items()} for layer in dec.layers
-        ]
-        self.dec_ln = ln(dec.ln)
+        self.enc_layers = [self._layer(layer) for layer in enc.layers]
+        self.enc_ln_post = self._norm(enc.ln_post)
+        self.dec_layers = [self._layer(layer) for layer in dec.layers]
+        self.dec_ln = self._norm(dec.ln)
         self.vocab = self._linear(dec.embedding)
         self.basis = self.upload(golden.dft_basis())
         self.ones = self.upload(np.ones(max(64, self.dims.n_text_state), np.float32))
