@@ -90,6 +90,12 @@ def test_missing_artifacts_say_where(tmp_path):
         Artifacts.load(tmp_path)
 
 
+def test_a_per_design_build_manifest_is_refused_with_the_reason(tmp_path):
+    (tmp_path / "manifest.json").write_text('{"schema": 1, "device": "npu1", "designs": []}')
+    with pytest.raises(ArtifactsError, match="one xclbin per stage"):
+        Artifacts.load(tmp_path)
+
+
 def test_mel_is_the_golden_mel(xdna, golden, speech, pyxrt):
     assert np.array_equal(xdna.log_mel(speech), golden.log_mel(speech))
     assert np.array_equal(xdna.log_mel(speech[:1000], padding=3000), golden.log_mel(speech[:1000], padding=3000))

@@ -192,6 +192,12 @@ class Artifacts:
             raise ArtifactsError(f"no NPU artifacts at {root} (build them with mlir/build.py)") from None
         except (OSError, ValueError) as e:
             raise ArtifactsError(f"cannot read {path}: {e}") from None
+        if manifest.get("format") != 1 and "designs" in manifest:
+            raise ArtifactsError(
+                f"{path} lists one xclbin per design and shape (mlir/build.py); the xdna runtime needs them "
+                "combined into one xclbin per stage with an instruction stream per call (mlir/README.md, "
+                "'From designs to the runtime')"
+            )
         if manifest.get("format") != 1:
             raise ArtifactsError(f"{path}: unsupported manifest format {manifest.get('format')!r}")
         missing = [s for s in STAGES if s not in manifest.get("xclbins", {})]
