@@ -10,6 +10,10 @@ spoken in 100 ms frames, and prints per file and overall:
 - with ``--silence S``: daemon CPU over S seconds of a silent room (2% of a core is the bar).
 
     python benchmarks/stream_ws.py [FILE...] [--streams N] [--silence 60] [--update-s 0.5]
+    python benchmarks/stream_ws.py --backend cuda --max-batch 64 --streams 256   # a GPU server
+
+With ``--backend cuda`` the daemon batches the streams' windows (``--max-batch``); the run also
+prints the batch sizes and the device memory the daemon reports (/healthz).
 
 Default file: the 3-minute Shakespeare reading of the dev corpus.
 """
@@ -24,6 +28,7 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -107,11 +112,18 @@ def fetch_health(url: str) -> dict | None:
 def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "streamd", "serve", "--port", "0", "--log-level", "warning",
            "--update-s", str(args.update_s), "--threads", str(args.threads), "--workers", str(args.workers),
-           "--max-streams", str(max(16, args.streams))]  # fmt: skip
+           "--max-streams", str(max(16, args.streams)), "--max-connections", str(max(64, args.streams + 8)),
+           "--backend", args.backend, "--max-batch", str(args.max_batch)]  # fmt: skip
+    if args.cuda_device:
+        cmd += ["--cuda-device", args.cuda_device]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
     for line in proc.stderr:
         if m := re.search(r"serving .* on http://([\d.]+):(\d+)", line):
+            # Keep draining the daemon's stderr: a full pipe would block its logging.
+            threading.Thread(target=proc.stderr.read, daemon=True).start()
             return proc, f"ws://{m[1]}:{m[2]}/v1/stream"
+        print(line, end="", file=sys.stderr)
     raise SystemExit(f"daemon did not start: {proc.wait()}")
 
 
@@ -151,6 +163,15 @@ async def main_async(args: argparse.Namespace) -> None:
                 f"pipeline: engine busy {e['busy_s']:.1f} s over {e['jobs']} jobs; mel frames {e['mel_s']:.2f} s, "
                 f"{e['mel_overlap_s']:.2f} s of it while the engine ran; window assembly {e['window_mel_s']:.2f} s"
             )
+            if e.get("max_batch", 1) > 1:
+                mean = e["jobs"] / max(e["batches"], 1)
+                print(
+                    f"batching: {e['batches']} engine runs, {mean:.1f} jobs per run on average, largest "
+                    f"{e['largest_batch']} (max_batch {e['max_batch']}); devices {health['devices']}"
+                )
+            if memory := e.get("device_memory"):
+                shown = [f"{k} {v}" if k.endswith("rows") else f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items()]
+                print("device memory: " + ", ".join(shown))
         header = ("file", "audio s", "streams", "final med", "final p90", "final max", "partial med", "partial p90",
                   "WER %", "CPU s/s")  # fmt: skip
         print("| " + " | ".join(header) + " |")
@@ -173,6 +194,9 @@ def main() -> None:
     p.add_argument("--update-s", type=float, default=0.5)
     p.add_argument("--threads", type=int, default=1, help="the daemon's --threads")
     p.add_argument("--workers", type=int, default=1, help="the daemon's --workers")
+    p.add_argument("--backend", default="auto", help="the daemon's --backend (cuda: batched across streams)")
+    p.add_argument("--cuda-device", help="the daemon's --cuda-device (cuda:N; cpu to try the cuda path without a GPU)")
+    p.add_argument("--max-batch", type=int, default=64, help="the daemon's --max-batch (jobs per engine run on cuda)")
     p.add_argument("--dump", metavar="DIR", help="write each stream's joined finals there")
     asyncio.run(main_async(p.parse_args()))
 

@@ -36,6 +36,10 @@ class Backend(ABC):
     """One model on one set of devices."""
 
     name: str = "abstract"
+    #: Whether the backend takes many windows at once (``encode_batch``, ``decode_greedy_batch``,
+    #: ``alignment_batch``; see :class:`npu.backends.cuda.CudaBackend`). Where it does, the daemon
+    #: decodes many streams' windows in one launch; elsewhere it runs one window per engine thread.
+    supports_batching: bool = False
 
     def __init__(self, weights: WhisperWeights) -> None:
         self.weights = weights

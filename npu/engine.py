@@ -9,20 +9,22 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .backend import STAGES, Backend
 from .backends import create_backend
-from .decoding import DecodingOptions, DecodingResult, decode
+from .decoding import DecodingOptions, DecodingResult, _initial_tokens, _loop_start, compression_ratio, decode
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
-from .timing import WordTiming, find_alignment, merge_punctuations
+from .timing import WordTiming, alignment_tokens, find_alignment, merge_punctuations, words_from_scores
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
 
-__all__ = ["EncodedWindow", "Engine", "FallbackPolicy"]
+__all__ = ["EncodedWindow", "Engine", "FallbackPolicy", "WindowRequest"]
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +102,12 @@ class Engine:
         self._stage_lock = threading.Lock()
 
     @classmethod
-    def load(cls, model: str | Path | None = None, backend: str = "auto") -> Engine:
+    def load(cls, model: str | Path | None = None, backend: str = "auto", device: str | None = None) -> Engine:
+        """``device``: the torch device of the ``cuda`` backend (``cuda:1``; ``cpu`` runs the same
+        graph on torch's CPU device, as the tests do); other backends ignore it."""
         weights = load_weights(model)
         tokenizer = WhisperTokenizer(weights.path / "tokenizer.json", weights.dims.n_vocab)
-        return cls(weights, create_backend(weights, backend), tokenizer)
+        return cls(weights, create_backend(weights, backend, device=device), tokenizer)
 
     def _account(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -134,19 +138,27 @@ class Engine:
         ``pad_to_30s`` encodes 3000 frames, as Whisper was trained. ``min_frames`` overrides
         ``min_window_frames`` (streaming trades a little accuracy for latency there).
         """
+        mel, num_frames, frames = self._cut_window(mel, num_frames, pad_to_30s, min_frames)
+        return EncodedWindow(self.backend.encode(mel[:, :frames]), num_frames, frames == N_FRAMES, mel)
+
+    def _cut_window(
+        self, mel: np.ndarray, num_frames: int | None, pad_to_30s: bool, min_frames: int | None
+    ) -> tuple[np.ndarray, int, int]:
+        """:meth:`encode`'s window policy: the mel run on to 30 s, its real frames, and how many
+        frames the encoder takes."""
         num_frames = min(mel.shape[-1] if num_frames is None else num_frames, N_FRAMES)
         if mel.shape[-1] < N_FRAMES:
             # Silence is the log-mel floor: the window's minimum, or that of digital silence.
             fill = float(mel.min()) if mel.size else SILENT_LOG_MEL
             mel = np.pad(mel, ((0, 0), (0, N_FRAMES - mel.shape[-1])), constant_values=fill)
         mel = mel[:, :N_FRAMES]
-        if pad_to_30s:
-            frames = N_FRAMES
-        else:
-            minimum = self.min_window_frames if min_frames is None else min_frames
-            frames = min(N_FRAMES, max(num_frames + self.tail_frames, minimum))
-            frames += frames % 2
-        return EncodedWindow(self.backend.encode(mel[:, :frames]), num_frames, frames == N_FRAMES, mel)
+        return mel, num_frames, N_FRAMES if pad_to_30s else self._encoder_frames(num_frames, min_frames)
+
+    def _encoder_frames(self, num_frames: int, min_frames: int | None) -> int:
+        """Frames an unpadded window of ``num_frames`` real frames is encoded with."""
+        minimum = self.min_window_frames if min_frames is None else min_frames
+        frames = min(N_FRAMES, max(num_frames + self.tail_frames, minimum))
+        return frames + frames % 2
 
     def decode(
         self,
@@ -235,19 +247,145 @@ class Engine:
             clock = self._account("mel", clock)
         window = self.encode(mel[:, :N_FRAMES], num_frames=num_frames, min_frames=min_frames)
         clock = self._account("encoder", clock)
-        options = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
-        result = self._decode_at(window, options, 0.0)
+        result = self._decode_at(window, _stream_options(prompt, prefix), 0.0)
         clock = self._account("decoder", clock)
         # The caller's VAD heard speech: only Whisper's own silence rule applies here (a
         # near-certain no-speech alone would drop the words of a quiet utterance's end).
         if STREAM_SILENCE.is_silence(result) or not result.tokens:
             return []
-        probs = [1.0] * len(prefix) + list(np.exp(result.token_logprobs[: len(result.tokens)]))
-        words = self.word_timings(window, [*prefix, *result.tokens], probs)
+        tokens, probs = _timed_tokens(prefix, result)
+        words = self.word_timings(window, tokens, probs)
         self._account("decoder", clock)  # alignment is a decoder pass
-        seen, new = 0, []
-        for w in words:
-            if seen >= len(prefix):
-                new.append(w)
-            seen += len(w.tokens)
-        return new
+        return _after_prefix(words, len(prefix))
+
+    def continue_windows(self, requests: Sequence[WindowRequest]) -> list[list[WordTiming]]:
+        """:meth:`continue_window` for many windows (of different streams) at once, on a backend
+        that batches (``backend.supports_batching``): one ``encode_batch`` for every window, one
+        ``decode_greedy_batch`` for all their decoder steps (each row after its own prompt and
+        forced prefix), one ``alignment_batch`` for their word timings. Row ``i`` gets what
+        ``continue_window`` gives it alone on the same backend, up to floating-point ties: the
+        batched decoder works in float32 where decoding's masks and scores are float64, and batch
+        shapes round differently (``tests/test_batching.py`` checks equality on dev speech).
+
+        Elsewhere the windows run one after another through :meth:`continue_window`.
+        """
+        if not self.backend.supports_batching:
+            return [self.continue_window(r.audio, r.prompt, r.prefix, r.min_frames, r.mel) for r in requests]
+        backend: Any = self.backend
+        out: list[list[WordTiming]] = [[] for _ in requests]
+        rows = [i for i, r in enumerate(requests) if min(len(r.audio) // HOP_LENGTH, N_FRAMES) >= 2]
+        if not rows:
+            return out
+        clock = time.perf_counter()
+        mels, num_frames = [], []
+        computed = False
+        for i in rows:
+            r = requests[i]
+            mel = r.mel
+            if mel is None:
+                mel, computed = backend.log_mel(r.audio, padding=self.window_padding(len(r.audio), r.min_frames)), True
+            real = min(len(r.audio) // HOP_LENGTH, N_FRAMES)
+            frames = self._encoder_frames(real, r.min_frames)
+            if mel.shape[-1] < frames:  # (a mel from window_padding always covers them)
+                mel, _, _ = self._cut_window(mel, real, False, r.min_frames)
+            mels.append(mel[:, :frames])
+            num_frames.append(real)
+        if computed:
+            clock = self._account("mel", clock)
+        features = backend.encode_batch(mels)
+        clock = self._account("encoder", clock)
+
+        tok = self.tokenizer
+        n_text_ctx = self.weights.dims.n_text_ctx
+        starts = [
+            _initial_tokens(tok, _stream_options(requests[i].prompt, requests[i].prefix), n_text_ctx) for i in rows
+        ]
+
+        def looping(row: int, generated: list[int]) -> bool:
+            initial, _, text_begin = starts[row]
+            return _loop_start([*initial, *generated], text_begin, len(initial), tok.timestamp_begin) is not None
+
+        results = backend.decode_greedy_batch(
+            features,
+            [initial for initial, _, _ in starts],
+            [min(n_text_ctx // 2, n_text_ctx - len(initial)) for initial, _, _ in starts],
+            rules=backend.greedy_rules(tok),
+            prefixed=[bool(requests[i].prefix) for i in rows],
+            return_scores=True,
+            looping=looping,
+        )
+        timed: list[tuple[int, int, list[int], list[float]]] = []  # (row, request, tokens, probs)
+        for row, (i, greedy) in enumerate(zip(rows, results, strict=True)):
+            result = _greedy_result(tok, greedy, starts[row])
+            if STREAM_SILENCE.is_silence(result) or not result.tokens:
+                continue
+            timed.append((row, i, *_timed_tokens(requests[i].prefix, result)))
+        if timed:
+            scores = backend.alignment_batch(
+                [features[row] for row, _, _, _ in timed], [alignment_tokens(tok, tokens) for _, _, tokens, _ in timed]
+            )
+            for (row, i, tokens, probs), qk in zip(timed, scores, strict=True):
+                words = merge_punctuations(words_from_scores(qk, tok, tokens, probs, num_frames[row]))
+                out[i] = _after_prefix(words, len(requests[i].prefix))
+        self._account("decoder", clock)
+        return out
+
+
+@dataclass
+class WindowRequest:
+    """One window for :meth:`Engine.continue_windows`: the arguments of :meth:`Engine.continue_window`."""
+
+    audio: np.ndarray
+    prompt: list[int]
+    prefix: list[int]
+    min_frames: int | None = None
+    mel: np.ndarray | None = None
+
+
+def _stream_options(prompt: Sequence[int], prefix: Sequence[int]) -> DecodingOptions:
+    """How streaming decodes a window: greedy after the prompt and the forced prefix, no
+    timestamps, loops cut."""
+    return DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
+
+
+def _greedy_result(tok: WhisperTokenizer, greedy: Any, start: tuple[list[int], int, int]) -> DecodingResult:
+    """A batched decoder's row as :func:`npu.decoding.decode` reports it: a looping row is cut
+    where its loop starts, as decode cuts it."""
+    initial, _, text_begin = start
+    tokens, logprobs = list(greedy.tokens), list(greedy.token_logprobs)
+    sum_logprob = greedy.sum_logprob
+    if greedy.looped:
+        seq = [*initial, *tokens]
+        cut = _loop_start(seq, text_begin, len(initial), tok.timestamp_begin) or len(seq)
+        tokens = seq[len(initial) : cut]
+        logprobs = logprobs[: cut - len(initial)]
+        sum_logprob = float(sum(logprobs))
+    text = tok.decode(tokens)
+    return DecodingResult(
+        tokens=tokens,
+        text=text,
+        avg_logprob=sum_logprob / (len(tokens) + 1),
+        sum_logprob=sum_logprob,
+        no_speech_prob=greedy.no_speech_prob,
+        temperature=0.0,
+        compression_ratio=compression_ratio(text),
+        token_logprobs=logprobs,
+        looped=greedy.looped,
+    )
+
+
+def _timed_tokens(prefix: list[int], result: DecodingResult) -> tuple[list[int], list[float]]:
+    """The tokens the alignment pass times (the forced prefix, then the decoded ones) and their
+    probabilities (the prefix's count as certain)."""
+    probs = [1.0] * len(prefix) + list(np.exp(result.token_logprobs[: len(result.tokens)]))
+    return [*prefix, *result.tokens], probs
+
+
+def _after_prefix(words: list[WordTiming], prefix_tokens: int) -> list[WordTiming]:
+    """The words that follow a forced prefix of ``prefix_tokens`` tokens."""
+    seen, new = 0, []
+    for w in words:
+        if seen >= prefix_tokens:
+            new.append(w)
+        seen += len(w.tokens)
+    return new

@@ -17,7 +17,15 @@ import numpy as np
 from .backend import Backend
 from .tokenizer import WhisperTokenizer
 
-__all__ = ["WordTiming", "dtw", "find_alignment", "median_filter", "merge_punctuations"]
+__all__ = [
+    "WordTiming",
+    "alignment_tokens",
+    "dtw",
+    "find_alignment",
+    "median_filter",
+    "merge_punctuations",
+    "words_from_scores",
+]
 
 TOKENS_PER_SECOND = 50  # encoder positions per second of audio
 PREPEND_PUNCTUATION = "\"'“¿([{-"
@@ -99,6 +107,11 @@ def dtw(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.array(path_i[::-1]), np.array(path_j[::-1])
 
 
+def alignment_tokens(tok: WhisperTokenizer, text_tokens: list[int]) -> np.ndarray:
+    """The token row the alignment pass runs: start of transcript, the text, eot."""
+    return np.array([*tok.sot_sequence(), tok.no_timestamps, *text_tokens, tok.eot], dtype=np.int64)
+
+
 def find_alignment(
     backend: Backend,
     features: object,
@@ -117,9 +130,25 @@ def find_alignment(
         return []
     if len(token_probs) != len(text_tokens):
         raise ValueError(f"{len(token_probs)} probabilities for {len(text_tokens)} tokens")
+    qk = backend.alignment(features, alignment_tokens(tok, text_tokens))
+    return words_from_scores(qk, tok, text_tokens, token_probs, num_frames, medfilt_width)
+
+
+def words_from_scores(
+    qk: np.ndarray,
+    tok: WhisperTokenizer,
+    text_tokens: list[int],
+    token_probs: list[float],
+    num_frames: int,
+    medfilt_width: int = 7,
+) -> list[WordTiming]:
+    """:func:`find_alignment` from the alignment heads' scores ``qk`` already computed for
+    :func:`alignment_tokens` (a batched backend computes many windows' at once)."""
+    if not text_tokens:
+        return []
+    if len(token_probs) != len(text_tokens):
+        raise ValueError(f"{len(token_probs)} probabilities for {len(text_tokens)} tokens")
     sot_seq = [*tok.sot_sequence(), tok.no_timestamps]
-    tokens = np.array([*sot_seq, *text_tokens, tok.eot], dtype=np.int64)
-    qk = backend.alignment(features, tokens)
     n_audio = max(1, min(num_frames // 2, qk.shape[-1]))
     token_probs = np.asarray(token_probs)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from .stream import Job
 
@@ -16,6 +16,7 @@ __all__ = ["Metrics"]
 
 LATENCY_BUCKETS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0, 10.0)
 JOB_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
@@ -50,7 +51,17 @@ class Metrics:
         Gauge("streamd_client_queue_messages", "Messages waiting for all clients", registry=r).set_function(
             lambda: sum(len(o) for o in hub.outboxes())
         )
+        self.batch_size = Histogram(
+            "streamd_batch_size",
+            "Jobs (streams' windows) per engine run: 1 unless the backend batches (cuda)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        Gauge("streamd_max_batch", "Most jobs one engine run takes (1: no batching)", registry=r).set_function(
+            lambda: daemon.scheduler.max_batch
+        )
         r.register(_StageCollector(daemon))
+        r.register(_DeviceMemoryCollector(daemon))
         self.errors = Counter("streamd_client_errors", "Protocol errors sent to clients", ["code"], registry=r)
         self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
         self._daemon = daemon
@@ -82,3 +93,40 @@ class _StageCollector:
         for stage, value in seconds.items():
             family.add_metric([stage, devices.get(stage, "cpu")], value)
         yield family
+
+
+class _DeviceMemoryCollector:
+    """Device memory as the backend reports it (nothing for backends that keep no device state):
+    ``streamd_decode_state_bytes_per_stream`` (what one more stream in a batch reserves: its KV
+    cache, cross-attention K/V and outputs) and ``streamd_device_memory_bytes{kind}``."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self):
+        report = self._daemon.device_memory()
+        if report is None:
+            return
+        per_stream = report.get("decode_state_bytes_per_stream")
+        if per_stream is not None:
+            yield GaugeMetricFamily(
+                "streamd_decode_state_bytes_per_stream",
+                "Device memory the batched decoder reserves per stream in a batch",
+                value=per_stream,
+            )
+        family = GaugeMetricFamily(
+            "streamd_device_memory_bytes",
+            "Device memory: decode_state (the batched decoder's static buffers), allocated, reserved "
+            "and peak_allocated (torch's CUDA allocator, on a GPU)",
+            labels=["kind"],
+        )
+        for key, value in report.items():
+            if key.endswith("_bytes") and key != "decode_state_bytes_per_stream":
+                family.add_metric([key.removesuffix("_bytes")], value)
+        yield family
+        if "decode_state_rows" in report:
+            yield GaugeMetricFamily(
+                "streamd_decode_state_rows",
+                "Streams the batched decoder's state holds room for",
+                value=report["decode_state_rows"],
+            )

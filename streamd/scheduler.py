@@ -6,10 +6,15 @@ degrades into fewer, longer windows instead of a growing queue. Finals (speech h
 go first, then the stream whose audio has waited longest. The event loop never runs model
 code: it only feeds audio and sends messages.
 
-Jobs of different streams are not batched into one product: on the CPU backend that costs
-more than it saves (OpenBLAS packs the whole matrix for a multi-row product; see
+On the CPU (and NPU) backends jobs of different streams are not batched into one product: that
+costs more than it saves (OpenBLAS packs the whole matrix for a multi-row product; see
 ``benchmarks/batching.py``). With ``workers`` > 1, jobs of different streams run side by side
 on their own threads (each BLAS call single-threaded), one per core.
+
+On a backend that batches (``backend.supports_batching``: the GPU), a free engine thread takes
+up to ``max_batch`` ready jobs instead, most urgent first and one per stream, and runs them as
+one batch (:func:`~streamd.stream.run_jobs`): a GPU launch costs about the same for one window
+as for dozens. Each job's words then go back to its stream exactly as a lone job's do.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from .hub import Source
 from .policy import TimedWord
 from .protocol import ProtocolError
-from .stream import Job, run_job
+from .stream import Job, run_job, run_jobs
 
 __all__ = ["Scheduler", "SchedulerStats"]
 
@@ -43,7 +48,10 @@ class SchedulerStats:
     mel_s: float = 0.0  # mel frames computed as audio arrived (the pipeline's first stage)
     mel_overlap_s: float = 0.0  # ... of which while the engine was running a job
     window_mel_s: float = 0.0  # assembling a job's mel from those frames, at dispatch
-    most_concurrent: int = 0  # jobs running at once, at most (≤ workers)
+    most_concurrent: int = 0  # jobs (or batches) running at once, at most (≤ workers)
+    batches: int = 0  # engine runs: one per job, or one per batch of jobs on a batching backend
+    last_batch: int = 0  # jobs in the latest batch
+    largest_batch: int = 0
 
 
 class Scheduler:
@@ -51,10 +59,21 @@ class Scheduler:
     into mel frames as it arrives, while the engine thread encodes and decodes; a job's window
     mel is then a slice of frames already computed."""
 
-    def __init__(self, engine, run: Callable[..., list[TimedWord]] = run_job, workers: int = 1) -> None:
+    def __init__(
+        self,
+        engine,
+        run: Callable[..., list[TimedWord]] = run_job,
+        workers: int = 1,
+        max_batch: int = 64,
+        run_batch: Callable[..., list[list[TimedWord]]] = run_jobs,
+    ) -> None:
         self.engine = engine
         self._run = run
+        self._run_batch = run_batch
         self.workers = workers  # engine threads: jobs of different streams may run at once
+        # Jobs per engine run: batches only where the backend takes them, else one job per thread.
+        batching = getattr(getattr(engine, "backend", None), "supports_batching", False)
+        self.max_batch = max(1, max_batch) if batching else 1
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="engine")
         self._mel_executor = ThreadPoolExecutor(1, thread_name_prefix="mel")
         self._engines_busy = 0
@@ -65,6 +84,7 @@ class Scheduler:
         self._task: asyncio.Task | None = None
         self.stats = SchedulerStats()
         self.on_job: Callable[[Job, float], None] | None = None  # (job, seconds) for metrics
+        self.on_batch: Callable[[int], None] | None = None  # (jobs in one engine run) for metrics
 
     def add(self, source: Source) -> None:
         self._sources.add(source)
@@ -117,6 +137,19 @@ class Scheduler:
         self.stats.window_mel_s += time.perf_counter() - started
         return mel
 
+    def _window_mels(self, batch: list[tuple[Source, Job]]) -> list:
+        return [self._window_mel(source, job) for source, job in batch]
+
+    def _batch(self, jobs: list[Job], mels: list) -> list[list[TimedWord]]:
+        with self._busy_lock:
+            self._engines_busy += 1
+            self.stats.most_concurrent = max(self.stats.most_concurrent, self._engines_busy)
+        try:
+            return self._run_batch(self.engine, jobs, mels)
+        finally:
+            with self._busy_lock:
+                self._engines_busy -= 1
+
     def _job(self, job: Job, mel) -> list[TimedWord]:
         with self._busy_lock:
             self._engines_busy += 1
@@ -142,12 +175,34 @@ class Scheduler:
                 source.progressed()  # it may have just closed its utterance without a decode
         return None
 
+    def _pick_batch(self) -> list[tuple[Source, Job]]:
+        """Up to ``max_batch`` jobs, most urgent first, one per stream (a stream with a job out
+        has none to give)."""
+        batch: list[tuple[Source, Job]] = []
+        for source in sorted(self._sources, key=lambda s: (not s.stream.final_pending, -s.stream.lag)):
+            if len(batch) >= self.max_batch:
+                break
+            job = source.stream.next_job()
+            if job is not None:
+                batch.append((source, job))
+            elif source.stream.idle:
+                source.progressed()
+        return batch
+
     async def _loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
-            while len(self._running) < self.workers and (picked := self._pick()) is not None:
-                task = asyncio.create_task(self._execute(*picked))
+            while len(self._running) < self.workers:
+                if self.max_batch > 1:
+                    batch = self._pick_batch()
+                    if not batch:
+                        break
+                    task = asyncio.create_task(self._execute_batch(batch))
+                elif (picked := self._pick()) is not None:
+                    task = asyncio.create_task(self._execute(*picked))
+                else:
+                    break
                 self._running.add(task)
                 task.add_done_callback(self._finished)
 
@@ -169,9 +224,56 @@ class Scheduler:
             source.publish(ProtocolError("engine_error", f"decoding failed: {exc}").message())
             words = []
         elapsed = time.perf_counter() - started
+        self.stats.busy_s += elapsed
+        self._count_batch(1)
+        self._deliver(source, job, words, elapsed)
+
+    async def _execute_batch(self, batch: list[tuple[Source, Job]]) -> None:
+        """One engine run for many streams' jobs; a failed batch is retried job by job, so that
+        one bad window costs only its own stream's text."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        jobs = [job for _, job in batch]
+        mels: list | None = None
+        try:
+            mels = await loop.run_in_executor(self._mel_executor, self._window_mels, batch)
+            results = await loop.run_in_executor(self._executor, self._batch, jobs, mels)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("a batch of %d jobs failed; running them one by one", len(batch))
+            alone = mels or [None] * len(batch)  # None: the engine computes the window's mel itself
+            results = [
+                await self._retry_alone(source, job, mel) for (source, job), mel in zip(batch, alone, strict=True)
+            ]
+        elapsed = time.perf_counter() - started
+        self.stats.busy_s += elapsed
+        self._count_batch(len(batch))
+        for (source, job), words in zip(batch, results, strict=True):
+            self._deliver(source, job, words, elapsed)
+
+    async def _retry_alone(self, source: Source, job: Job, mel) -> list[TimedWord]:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, self._job, job, mel)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a model failure must not take the other streams down
+            log.exception("decode failed for source %s", source.id)
+            self.stats.failures += 1
+            source.publish(ProtocolError("engine_error", f"decoding failed: {exc}").message())
+            return []
+
+    def _count_batch(self, size: int) -> None:
+        self.stats.batches += 1
+        self.stats.last_batch = size
+        self.stats.largest_batch = max(self.stats.largest_batch, size)
+        if self.on_batch is not None:
+            self.on_batch(size)
+
+    def _deliver(self, source: Source, job: Job, words: list[TimedWord], elapsed: float) -> None:
+        """A job's words back to its stream; partials and finals out."""
         self.stats.jobs += 1
         self.stats.final_jobs += job.final
-        self.stats.busy_s += elapsed
         self.stats.audio_s += len(job.audio) / 16000
         if self.on_job is not None:
             self.on_job(job, elapsed)

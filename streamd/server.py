@@ -64,6 +64,7 @@ class ServerConfig:
     max_streams: int = 16
     start_timeout_s: float = 10.0  # for the start frame
     workers: int = 1  # engine threads (streams decoded side by side)
+    max_batch: int = 64  # jobs of different streams per engine run, on a backend that batches (cuda)
     max_buffer_s: float = 28.0  # a stream's window past which ingest waits for the engine
     slow_client_grace_s: float = 5.0  # to deliver the slow_client error before the socket is dropped
     shutdown_timeout_s: float = 30.0  # to finalise every stream on SIGTERM
@@ -87,10 +88,11 @@ class Daemon:
         self.config = config or ServerConfig()
         self.hub = Hub(lambda: {"model": engine.model_name, "devices": self.devices}, self.config.stream,
                        self.config.max_streams)  # fmt: skip
-        self.scheduler = Scheduler(engine, workers=self.config.workers)
+        self.scheduler = Scheduler(engine, workers=self.config.workers, max_batch=self.config.max_batch)
         self.metrics = Metrics(self)
         self.hub.on_final = self.metrics.final_latency.observe
         self.scheduler.on_job = self.metrics.observe_job
+        self.scheduler.on_batch = self.metrics.batch_size.observe
         self.started = time.time()
         self.stopping = False
         self._server: Server | None = None
@@ -264,8 +266,19 @@ class Daemon:
                 "mel_s": round(stats.mel_s, 3),
                 "mel_overlap_s": round(stats.mel_overlap_s, 3),
                 "window_mel_s": round(stats.window_mel_s, 3),
+                "max_batch": self.scheduler.max_batch,
+                "batches": stats.batches,
+                "last_batch": stats.last_batch,
+                "largest_batch": stats.largest_batch,
+                **({"device_memory": memory} if (memory := self.device_memory()) is not None else {}),
             },
         }
+
+    def device_memory(self) -> dict[str, int] | None:
+        """The backend's device-memory report (the cuda backend: decoder state per stream and in
+        all, the allocator's counters on a GPU); ``None`` where the backend keeps no device state."""
+        report = getattr(self.engine.backend, "memory_report", None) if hasattr(self.engine, "backend") else None
+        return report() if callable(report) else None
 
     @staticmethod
     def _load_page() -> bytes | None:

@@ -35,6 +35,11 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "tcp_port": (int, None, "also take raw s16le 16 kHz mono audio on this TCP port, JSON lines out"),
     "model": (str, None, "CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"),
     "backend": (str, "auto", "accelerator: auto, cpu, xdna, xdna-all, golden or cuda"),
+    "cuda_device": (
+        str,
+        "cuda",
+        "torch device of --backend cuda: cuda, cuda:N, or cpu (torch's CPU device, for tests)",
+    ),
     "file": (str, None, "stream this recording as a source (its id is the file's stem)"),
     "realtime": (bool, False, "play --file at the pace it was spoken"),
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),
@@ -42,6 +47,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "update_s": (float, 0.5, "new speech before a window is decoded again (latency vs CPU)"),
     "workers": (int, 1, "engine threads: streams decoded side by side (one per core for many streams)"),
     "threads": (int, 1, "BLAS threads for the engine: 1 costs the least CPU per stream, more cut latency"),
+    "max_batch": (int, 64, "streams' windows decoded as one batch on a backend that batches (cuda); 1: one at a time"),
     "max_frame_bytes": (int, 1 << 20, "largest audio frame accepted"),
     "max_queue": (int, 256, "messages waiting for one client before it is cut off"),
     "max_connections": (int, 64, "websocket connections at once"),
@@ -128,7 +134,7 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {values['backend']!r}")
     if values["vad_aggressiveness"] not in (0, 1, 2, 3):
         raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
-    for key in ("workers", "threads", "max_queue", "max_connections", "max_streams", "max_frame_bytes"):
+    for key in ("workers", "threads", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes"):
         if int(values[key]) < 1:
             raise ConfigError(f"{key} must be at least 1, got {values[key]}")
     if not 0 <= int(values["port"]) <= 65535:
@@ -213,10 +219,11 @@ def serve_main(args: argparse.Namespace) -> int:
 
     _limit_blas_threads(int(values["threads"]))
     try:
-        engine = Engine.load(values["model"], backend=str(values["backend"]))
+        engine = Engine.load(values["model"], backend=str(values["backend"]), device=str(values["cuda_device"]))
     except (ModelError, BackendUnavailable) as e:
         print(f"streamd: {e}", file=sys.stderr)
         return 1
+    _limit_torch_threads(int(values["threads"]))
     try:
         return asyncio.run(_serve(engine, values))
     except PermissionError as e:  # a socket passed in by systemd that the settings do not allow
@@ -255,6 +262,14 @@ def _limit_blas_threads(threads: int) -> None:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(threads)
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """The cuda backend on torch's CPU device: torch keeps its own thread count (threadpoolctl
+    sets only the calling thread's), and new threads (the engine's) take it from here."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
 
 
 def listen_sockets(environ: dict[str, str] | None = None) -> list[socket.socket]:

@@ -18,7 +18,7 @@ import numpy as np
 from .policy import LocalAgreement, TimedWord
 from .vad import VadConfig, VadGate
 
-__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange", "run_job"]
+__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange", "run_job", "run_jobs"]
 
 SAMPLE_RATE = 16000
 HOP = 160  # mel frame hop: windows start on one, so a stream's mel frames can be reused
@@ -287,12 +287,36 @@ class Stream:
             self._committed = self._committed[len(gone) :]
 
 
+def _tokens(tok, job: Job) -> tuple[list[int], list[int]]:
+    """A job's prompt and forced prefix as tokens."""
+    prompt = tok.encode(" " + job.prompt.strip()) if job.prompt.strip() else []
+    prefix = tok.encode(job.prefix) if job.prefix else []
+    return prompt, prefix
+
+
+def _stream_words(job: Job, words) -> list[TimedWord]:
+    """Window-relative words as stream times."""
+    return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.probability) for w in words]
+
+
 def run_job(engine, job: Job, mel: np.ndarray | None = None) -> list[TimedWord]:
     """Decode a job's window on ``engine`` after its committed prefix: greedy, word timestamps,
     no temperature fallback (it would cost latency on exactly the windows that are late).
     ``mel``: the window's mel if it was computed ahead (see ``Engine.window_padding``)."""
-    tok = engine.tokenizer
-    prompt = tok.encode(" " + job.prompt.strip()) if job.prompt.strip() else []
-    prefix = tok.encode(job.prefix) if job.prefix else []
+    prompt, prefix = _tokens(engine.tokenizer, job)
     words = engine.continue_window(job.audio, prompt, prefix, min_frames=round(job.min_window_s * 100), mel=mel)
-    return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.probability) for w in words]
+    return _stream_words(job, words)
+
+
+def run_jobs(engine, jobs: list[Job], mels: list[np.ndarray | None]) -> list[list[TimedWord]]:
+    """:func:`run_job` for the jobs of many streams as one batch (``Engine.continue_windows``):
+    on a batching backend their windows share one encoder launch and their decoder steps one
+    launch per step."""
+    from npu.engine import WindowRequest
+
+    requests = []
+    for job, mel in zip(jobs, mels, strict=True):
+        prompt, prefix = _tokens(engine.tokenizer, job)
+        requests.append(WindowRequest(job.audio, prompt, prefix, round(job.min_window_s * 100), mel))
+    results = engine.continue_windows(requests)
+    return [_stream_words(job, words) for job, words in zip(jobs, results, strict=True)]

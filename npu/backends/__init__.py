@@ -53,7 +53,8 @@ def _xdna(weights: WhisperWeights, decoder_on: str) -> Backend:
         raise BackendUnavailable(f"xdna backend unavailable: {e}") from None
 
 
-def create_backend(weights: WhisperWeights, name: str = "auto") -> Backend:
+def create_backend(weights: WhisperWeights, name: str = "auto", device: str | None = None) -> Backend:
+    """The backend ``name``; ``device`` picks the torch device of ``cuda`` (default ``cuda``)."""
     if name == "auto":
         why_not = xdna_unavailable()
         if why_not is None:
@@ -75,5 +76,8 @@ def create_backend(weights: WhisperWeights, name: str = "auto") -> Backend:
             from .cuda import CudaBackend
         except ImportError as e:
             raise BackendUnavailable(f"cuda backend needs torch (pip install 'streamd[cuda]'): {e}") from None
-        return CudaBackend(weights)
+        try:
+            return CudaBackend(weights, device=device or "cuda")
+        except RuntimeError as e:  # no CUDA here, or a bad device string
+            raise BackendUnavailable(f"cuda backend unavailable: {e}") from None
     raise ValueError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")

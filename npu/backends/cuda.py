@@ -14,7 +14,11 @@ hundreds of live streams from one GPU:
   step for every stream, on a self-attention KV cache and cross-attention K/V preallocated on the
   device, argmax on the device, so only the chosen tokens cross to the host at the end. On CUDA
   each fixed-shape step is captured once as a CUDA graph per (batch, audio, text) bucket and
-  replayed; elsewhere the same step function runs eagerly.
+  replayed; elsewhere the same step function runs eagerly;
+- :meth:`CudaBackend.alignment_batch` runs the word-timing pass of many windows in one launch.
+
+:attr:`CudaBackend.supports_batching` tells the engine (``Engine.continue_windows``) and the
+daemon's scheduler to send it many streams' windows at once.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -101,8 +105,10 @@ class GreedyRules:
 @dataclass
 class GreedyResult:
     tokens: list[int]  # without eot
-    sum_logprob: float
+    sum_logprob: float  # over token_logprobs
     no_speech_prob: float  # NaN when the prompt holds no <|startoftranscript|>
+    token_logprobs: list[float] = field(default_factory=list)  # each chosen token's, eot included if chosen
+    looped: bool = False  # the loop guard stopped this row (its last token starts or completes a loop)
 
 
 class _Session(DecoderSession):
@@ -181,6 +187,7 @@ class _DecodeState:
         self.done = torch.ones(capacity, device=dev, dtype=torch.bool)
         self.sum_lp = torch.zeros(capacity, device=dev, dtype=torch.float32)
         self.out = torch.zeros(capacity, d.n_text_ctx, device=dev, dtype=torch.int64)
+        self.lps = torch.zeros(capacity, d.n_text_ctx, device=dev, dtype=torch.float32)  # per-token log-probs
         self.step = torch.zeros((), device=dev, dtype=torch.int64)
         self.eot = torch.zeros((), device=dev, dtype=torch.int64)
         self.bias = torch.zeros(d.n_vocab, device=dev, dtype=torch.float32)  # -inf on suppressed tokens
@@ -189,17 +196,55 @@ class _DecodeState:
 
     def mutable(self) -> list[Tensor]:
         """What one step changes besides the KV cache (saved around a graph's warm-up)."""
-        return [self.tokens, self.pos, self.done, self.sum_lp, self.out, self.step]
+        return [self.tokens, self.pos, self.done, self.sum_lp, self.out, self.lps, self.step]
 
     def nbytes_per_row(self) -> int:
-        tensors = [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.cross_mask, self.out]
+        tensors = [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.cross_mask, self.out, self.lps]
         return sum(t.element_size() * t.numel() for t in tensors) // self.capacity
+
+    def nbytes(self) -> int:
+        return self.nbytes_per_row() * self.capacity
+
+
+class _RowWatch:
+    """The batched rows' tokens as they reach the host, for the loop guard.
+
+    A row is checked after each new non-eot token, as :func:`npu.decoding.decode` does, so where
+    it stops (and what it keeps) does not depend on how often tokens are copied back.
+    """
+
+    def __init__(self, limits: list[int], eot: int, looping: Callable[[int, list[int]], bool]) -> None:
+        self.limits, self.eot, self.looping = limits, eot, looping
+        self.tokens: list[list[int]] = [[] for _ in limits]  # generated so far, eot included
+        self.open = [True] * len(limits)
+        self.looped = [False] * len(limits)
+        self.seen = 0  # columns fed so far
+
+    def feed(self, columns: np.ndarray) -> list[int]:
+        """Take the next columns ``[n, k]`` of every row's tokens; return rows that just looped."""
+        stopped = []
+        for r, new in enumerate(columns.tolist()):
+            tokens = self.tokens[r]
+            for t in new:
+                if not self.open[r] or len(tokens) >= self.limits[r]:
+                    self.open[r] = False
+                    break
+                tokens.append(t)
+                if t == self.eot:
+                    self.open[r] = False
+                elif self.looping(r, tokens):
+                    self.open[r], self.looped[r] = False, True
+                    stopped.append(r)
+        self.seen += columns.shape[1]
+        return stopped
 
 
 class CudaBackend(Backend):
     """Whisper in torch on one device: fp16 on CUDA, float32 elsewhere (CI checks it on CPU)."""
 
     name = "cuda"
+    #: Windows of many streams go through :meth:`encode_batch` / :meth:`decode_greedy_batch` together.
+    supports_batching = True
     #: Batch sizes the greedy decoder's state and CUDA graphs are built for.
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     #: Cross-attention lengths (encoder positions; 50 per second) a decoder step is built for.
@@ -212,6 +257,9 @@ class CudaBackend(Backend):
     max_encode_batch = 64
     #: Steps between checks whether every row has finished (each check waits for the device).
     done_check_every = 4
+    #: Windows per word-alignment launch at most (their cross K/V are computed for it: about
+    #: 9 MB per 30 s window in fp16).
+    max_align_batch = 64
 
     def __init__(
         self, weights: WhisperWeights, device: str | torch.device = "cuda", dtype: torch.dtype | None = None
@@ -230,6 +278,7 @@ class CudaBackend(Backend):
         self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self._graph_pool = None
         self._lock = threading.Lock()
+        self._rules: GreedyRules | None = None
 
     # -- weights ---------------------------------------------------------------------------
 
@@ -501,6 +550,54 @@ class CudaBackend(Backend):
         _, qk = session.forward(np.asarray(tokens, dtype=np.int64)[None], capture=self.weights.alignment_heads)
         return torch.stack([s[0] for s in qk]).float().cpu().numpy()
 
+    @torch.inference_mode()
+    def alignment_batch(self, features_list: Sequence[TorchFeatures], tokens_list: Sequence[np.ndarray]) -> list:
+        """:meth:`alignment` of many windows in one decoder pass per :attr:`max_align_batch`:
+        token rows right-padded (causal attention keeps the padding out of real positions),
+        windows' cross K/V padded and masked. Row ``i`` is ``[n_heads, len(tokens_list[i]),
+        T_audio of features_list[i]]``, equal to :meth:`alignment`'s to floating-point tolerance."""
+        if len(features_list) != len(tokens_list):
+            raise ValueError(f"{len(features_list)} windows but {len(tokens_list)} token rows")
+        out: list[np.ndarray] = []
+        with self._on_device():
+            for first in range(0, len(tokens_list), self.max_align_batch):
+                part = slice(first, first + self.max_align_batch)
+                out += self._alignment_chunk(features_list[part], tokens_list[part])
+        return out
+
+    def _alignment_chunk(self, feats: Sequence[TorchFeatures], token_rows: Sequence[np.ndarray]) -> list[np.ndarray]:
+        dev = self.device
+        frames = [f.x.shape[0] for f in feats]
+        lengths = [len(r) for r in token_rows]
+        if not feats:
+            return []
+        if min(lengths) < 1 or max(lengths) > self.dims.n_text_ctx:
+            raise ValueError(f"token rows must hold 1 to {self.dims.n_text_ctx} tokens, got lengths {lengths}")
+        x = torch.nn.utils.rnn.pad_sequence([f.x for f in feats], batch_first=True)
+        cross_k, cross_v = self._cross_kv(x)
+        cross_mask = None
+        if min(frames) < max(frames):
+            valid = torch.arange(max(frames), device=dev)[None, :] < torch.tensor(frames, device=dev)[:, None]
+            cross_mask = valid[:, None, None, :]
+        width = max(lengths)
+        padded = np.zeros((len(feats), width), np.int64)
+        for i, row in enumerate(token_rows):
+            padded[i, : len(row)] = row
+        tokens = torch.from_numpy(padded).to(dev)
+        x = self.embedding[tokens] + self.text_positions[:width]
+        _, captured = self._decoder_layers(
+            x,
+            lambda li, k, v: (k, v),
+            None,
+            cross_k,
+            cross_v,
+            cross_mask,
+            capture=self.weights.alignment_heads,
+            is_causal=width > 1,
+        )
+        scores = torch.stack(captured, 1).float().cpu().numpy()  # [B, heads, width, T]
+        return [scores[i, :, : lengths[i], : frames[i]] for i in range(len(feats))]
+
     # -- batched greedy decoding -----------------------------------------------------------
 
     def decode_state_bytes_per_stream(self) -> int:
@@ -508,7 +605,28 @@ class CudaBackend(Backend):
         d = self.dims
         elem = torch.finfo(self.dtype).bits // 8
         kv = 2 * d.n_text_layer * d.n_text_state * (d.n_text_ctx + d.n_audio_ctx) * elem
-        return kv + d.n_audio_ctx + 8 * d.n_text_ctx
+        return kv + d.n_audio_ctx + (8 + 4) * d.n_text_ctx  # cross mask, tokens out, log-probs out
+
+    def greedy_rules(self, tok: WhisperTokenizer) -> GreedyRules:
+        """The token masks of streaming decoding for this model, built once."""
+        if self._rules is None:
+            self._rules = GreedyRules.from_tokenizer(tok, self.weights)
+        return self._rules
+
+    def memory_report(self) -> dict[str, int]:
+        """Device memory for ``/metrics`` and ``/healthz``: the batched decoder's static state
+        (rows it holds, bytes, bytes per stream) and, on CUDA, torch's allocator counters."""
+        state = self._state
+        report = {
+            "decode_state_bytes_per_stream": self.decode_state_bytes_per_stream(),
+            "decode_state_rows": state.capacity if state is not None else 0,
+            "decode_state_bytes": state.nbytes() if state is not None else 0,
+        }
+        if self.device.type == "cuda":
+            report["allocated_bytes"] = int(torch.cuda.memory_allocated(self.device))
+            report["reserved_bytes"] = int(torch.cuda.memory_reserved(self.device))
+            report["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
+        return report
 
     def _state_for(self, rows: int) -> _DecodeState:
         """The static buffers, grown to the batch bucket of ``rows`` (growing drops the graphs
@@ -539,9 +657,12 @@ class CudaBackend(Backend):
         live = ~st.done[:b]
         chosen = logits.argmax(-1)
         logprob = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
-        st.sum_lp[:b] += torch.where(live, logprob, 0.0)
+        logprob = torch.where(live, logprob, 0.0)
+        st.sum_lp[:b] += logprob
         chosen = torch.where(live, chosen, st.eot)
-        st.out[:b].scatter_(1, st.step.view(1, 1).expand(b, 1), chosen[:, None])
+        column = st.step.view(1, 1).expand(b, 1)
+        st.out[:b].scatter_(1, column, chosen[:, None])
+        st.lps[:b].scatter_(1, column, logprob[:, None])
         st.done[:b] |= (chosen == st.eot) | (st.step + 1 >= st.limit[:b])
         st.tokens[:b] = chosen
         st.pos[:b] = (pos + 1).clamp(max=self.dims.n_text_ctx - 1)
@@ -587,14 +708,19 @@ class CudaBackend(Backend):
         rules: GreedyRules,
         prefixed: Sequence[bool] | None = None,
         return_scores: bool = False,
+        looping: Callable[[int, list[int]], bool] | None = None,
     ) -> list[list[int]] | list[GreedyResult]:
         """Greedy-decode many windows together; row ``i`` decodes ``features_list[i]`` after
         ``prompts[i]`` (its full initial tokens, see :meth:`GreedyRules.initial_tokens`).
 
         Gives the tokens :func:`npu.decoding.decode` gives with ``without_timestamps=True`` and
-        ``sample_len=max_tokens`` (no loop guard): masks from ``rules``; ``prefixed[i]`` (a forced
-        prefix ends the prompt) lifts the first-step blank suppression, as decoding does. Returns
-        each row's tokens without eot, or :class:`GreedyResult` with ``return_scores``.
+        ``sample_len=max_tokens``: masks from ``rules``; ``prefixed[i]`` (a forced prefix ends the
+        prompt) lifts the first-step blank suppression, as decoding does. ``looping(i, tokens)``
+        is decoding's loop guard: asked after each new non-eot token of row ``i`` (``tokens``: the
+        row's generated tokens so far), ``True`` stops the row there (:attr:`GreedyResult.looped`).
+        Tokens reach the host only every :attr:`done_check_every` steps, so a looping row runs at
+        most that many steps past its loop, and those tokens are dropped. Returns each row's tokens
+        without eot, or :class:`GreedyResult` with ``return_scores``.
         """
         if len(features_list) != len(prompts):
             raise ValueError(f"{len(features_list)} windows but {len(prompts)} prompts")
@@ -602,13 +728,16 @@ class CudaBackend(Backend):
         prefixed = list(prefixed) if prefixed is not None else [False] * len(prompts)
         chunk = self.batch_buckets[-1]
         results: list[GreedyResult] = []
-        # Graph capture and replay use the current CUDA device: make it this backend's.
-        on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-        with self._lock, on_device:
+        with self._lock, self._on_device():
             for first in range(0, len(prompts), chunk):
                 part = slice(first, first + chunk)
-                results += self._greedy(features_list[part], prompts[part], limits[part], prefixed[part], rules)
+                guard = None if looping is None else (lambda row, toks, first=first: looping(first + row, toks))
+                results += self._greedy(features_list[part], prompts[part], limits[part], prefixed[part], rules, guard)
         return results if return_scores else [r.tokens for r in results]
+
+    def _on_device(self) -> contextlib.AbstractContextManager:
+        """Graph capture and replay use the current CUDA device: make it this backend's."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _greedy(
         self,
@@ -617,6 +746,7 @@ class CudaBackend(Backend):
         limits: list[int],
         prefixed: list[bool],
         rules: GreedyRules,
+        looping: Callable[[int, list[int]], bool] | None = None,
     ) -> list[GreedyResult]:
         d, dev = self.dims, self.device
         n = len(prompts)
@@ -671,6 +801,7 @@ class CudaBackend(Backend):
         logits.masked_fill_(no_prefix[:, None] & begin[None, :], -torch.inf)
         chosen = logits.argmax(-1)
         st.sum_lp[:n] = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
+        st.lps[:n, 0] = st.sum_lp[:n]
         st.limit[:n] = torch.tensor(limits, device=dev)
         st.eot.fill_(rules.eot)
         st.out[:n, 0] = chosen
@@ -691,17 +822,27 @@ class CudaBackend(Backend):
             no_speech[idx] = probs
 
         steps = max(limits)
+        watch = None if looping is None else _RowWatch(limits, rules.eot, looping)
         for i in range(1, steps):
             self._run_step(st, b, a, _bucket(min(width + i, d.n_text_ctx), self.text_buckets))
-            if i % self.done_check_every == 0 and bool(st.done[:n].all()):
-                break
+            if i % self.done_check_every == 0:
+                if watch is not None and (stopped := watch.feed(st.out[:n, watch.seen : i + 1].cpu().numpy())):
+                    st.done[torch.tensor(stopped, device=dev)] = True
+                if bool(st.done[:n].all()):
+                    break
         out = st.out[:n, :steps].cpu().numpy()
-        sum_lp = st.sum_lp[:n].cpu().numpy()
+        lps = st.lps[:n, :steps].cpu().numpy()
         no_speech_host = no_speech.cpu().numpy()
+        if watch is not None:
+            watch.feed(out[:, watch.seen :])
         results = []
         for i in range(n):
-            row = out[i, : limits[i]].tolist()
+            row = watch.tokens[i] if watch is not None else out[i, : limits[i]].tolist()
             if rules.eot in row:
-                row = row[: row.index(rules.eot)]
-            results.append(GreedyResult(row, float(sum_lp[i]), float(no_speech_host[i])))
+                row = row[: row.index(rules.eot) + 1]
+            row_lps = lps[i, : len(row)].astype(np.float64)
+            if row and row[-1] == rules.eot:
+                row = row[:-1]
+            looped = watch is not None and watch.looped[i]
+            results.append(GreedyResult(row, float(row_lps.sum()), float(no_speech_host[i]), row_lps.tolist(), looped))
         return results

@@ -1,0 +1,294 @@
+"""Cross-stream batching on the cuda backend (run on torch's CPU device here).
+
+``Engine.continue_windows`` must give every window what ``Engine.continue_window`` gives it alone
+on the same backend, and a real daemon serving several live streams must decode them in batches
+and report the batch sizes and the device memory per stream. The CPU backend keeps one job per
+engine thread (tests/test_server.py and tests/test_stream.py check that path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import signal
+import sys
+import urllib.request
+from types import SimpleNamespace
+
+import jiwer
+import numpy as np
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from whisper_normalizer.english import EnglishTextNormalizer
+
+torch = pytest.importorskip("torch")
+
+from npu.backends.cuda import CudaBackend, GreedyRules  # noqa: E402
+from npu.engine import Engine, WindowRequest  # noqa: E402
+from npu.timing import alignment_tokens  # noqa: E402
+from streamd.audio import load_audio  # noqa: E402
+from streamd.hub import Source  # noqa: E402
+from streamd.policy import TimedWord  # noqa: E402
+from streamd.scheduler import Scheduler  # noqa: E402
+from streamd.server import Daemon, ServerConfig  # noqa: E402
+from streamd.service import ConfigError, add_serve_args, settings  # noqa: E402
+from streamd.stream import Job  # noqa: E402
+
+from .conftest import CORPUS, reference  # noqa: E402
+
+normalise = EnglishTextNormalizer()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch thread: on a shared 2-core box a second OpenMP thread mostly waits."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def torch_engine(engine) -> Engine:
+    return Engine(engine.weights, CudaBackend(engine.weights, device="cpu"), engine.tokenizer)
+
+
+def _audio(name: str) -> np.ndarray:
+    return load_audio(CORPUS / f"{name}.wav")
+
+
+@pytest.fixture(scope="module")
+def requests(engine) -> list[WindowRequest]:
+    """Streaming windows of dev speech as the daemon sends them: different lengths (frame
+    buckets), committed prefixes and prompts, two that loop (the same words said twice: the loop
+    guard cuts them), one near the 30 s limit, one too short to decode."""
+    tok = engine.tokenizer
+    jfk = _audio("dev_jfk_inaugural_1961")
+    said_twice = [
+        np.concatenate([a, a]) for a in map(_audio, ["dev_vctk_p287_001_clean", "dev_pocketsphinx_cards_002"])
+    ]
+    return [
+        WindowRequest(jfk[: 16000 * 8], [], tok.encode(" And so, my fellow Americans"), 500),
+        WindowRequest(_audio("dev_librispeech_1221-135766-0002"), tok.encode(" Ask not."), [], 500),
+        WindowRequest(jfk[16000 * 2 :], tok.encode(" my fellow Americans,"), tok.encode(" ask not"), 500),
+        WindowRequest(said_twice[0], [], [], 500),
+        WindowRequest(_audio("dev_vctk_p287_003_clean")[: 16000 * 3], [], [], 500),
+        WindowRequest(said_twice[1], [], [], 300),
+        WindowRequest(
+            _audio("dev_librivox_shakespeare_sonnets_1-3_longform")[: 16000 * 28], tok.encode(" Sonnets."), []
+        ),
+        WindowRequest(_audio("dev_librispeech_1221-135766-0001"), [], [], 500),
+        WindowRequest(_audio("dev_librivox_sense_sensibility_0870"), [], [], 500),
+        WindowRequest(_audio("dev_vctk_p287_004_noisy"), [], [], 500),
+        WindowRequest(jfk[:100], [], [], 500),
+    ]
+
+
+def test_batched_windows_equal_each_window_decoded_alone(torch_engine, requests):
+    alone = [torch_engine.continue_window(r.audio, r.prompt, r.prefix, r.min_frames) for r in requests]
+    batched = torch_engine.continue_windows(requests)
+    assert len(batched) == len(requests)
+    assert batched[-1] == [] and alone[-1] == []  # under two mel frames: nothing to decode
+    for got, expected in zip(batched, alone, strict=True):
+        assert [w.word for w in got] == [w.word for w in expected]
+        for g, e in zip(got, expected, strict=True):
+            assert g.tokens == e.tokens
+            assert abs(g.start - e.start) <= 0.021 and abs(g.end - e.end) <= 0.021  # one encoder frame
+            assert g.probability == pytest.approx(e.probability, abs=1e-3)
+    text = ["".join(w.word for w in words) for words in batched]
+    assert "ask not" in text[0].lower() and text[1].strip()
+    assert text[3].lower().count("stella") == 1, text[3]  # the loop was cut where it started
+
+
+def test_batched_rows_stop_where_the_loop_guard_says(torch_engine):
+    backend = torch_engine.backend
+    tok = torch_engine.tokenizer
+    rules = backend.greedy_rules(tok)
+    jfk = _audio("dev_jfk_inaugural_1961")[: 16000 * 8]
+    mel = backend.log_mel(jfk, padding=16000)[:, :900]
+    features = backend.encode_batch([mel, mel])
+    prompt = GreedyRules.initial_tokens(tok)
+    full = backend.decode_greedy_batch(features, [prompt, prompt], 40, rules=rules, return_scores=True)
+    seen: list[tuple[int, int]] = []
+
+    def looping(row: int, tokens: list[int]) -> bool:
+        seen.append((row, len(tokens)))
+        return row == 1 and len(tokens) == 5
+
+    guarded = backend.decode_greedy_batch(
+        features, [prompt, prompt], 40, rules=rules, return_scores=True, looping=looping
+    )
+    assert guarded[0].tokens == full[0].tokens and not guarded[0].looped
+    assert guarded[1].tokens == full[1].tokens[:5] and guarded[1].looped
+    assert guarded[1].token_logprobs == pytest.approx(full[1].token_logprobs[:5])
+    assert max(n for row, n in seen if row == 1) == 5  # checked token by token, never past the stop
+    assert guarded[0].sum_logprob == pytest.approx(full[0].sum_logprob)
+
+
+def test_batched_alignment_equals_alignment_alone(torch_engine, requests):
+    backend, tok = torch_engine.backend, torch_engine.tokenizer
+    mels = [backend.log_mel(r.audio, padding=16000)[:, : 2 * (len(r.audio) // 320)] for r in requests[:3]]
+    features = backend.encode_batch(mels)
+    rows = [alignment_tokens(tok, tok.encode(text)) for text in (" And so, my fellow", " Yet these", " Ask not what")]
+    batched = backend.alignment_batch(features, rows)
+    for f, row, got in zip(features, rows, batched, strict=True):
+        alone = backend.alignment(f, row)
+        assert got.shape == alone.shape
+        assert float(np.abs(got - alone).max()) < 1e-3
+
+
+def test_memory_report_bounds_the_decoder_state_per_stream(torch_engine):
+    report = torch_engine.backend.memory_report()
+    per_stream = report["decode_state_bytes_per_stream"]
+    assert 0 < per_stream < 32 * 2**20
+    if report["decode_state_rows"]:  # the state exists once a batch ran: rows x per-stream bytes
+        assert report["decode_state_bytes"] == report["decode_state_rows"] * per_stream
+
+
+def test_max_batch_is_a_setting_like_the_others(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    assert settings(parser.parse_args([]), {})["max_batch"] == 64
+    assert settings(parser.parse_args(["--max-batch", "8"]), {})["max_batch"] == 8
+    assert settings(parser.parse_args([]), {"STREAMD_MAX_BATCH": "4"})["max_batch"] == 4
+    config = tmp_path / "s.toml"
+    config.write_text('max_batch = 16\nbackend = "cuda"\ncuda_device = "cuda:1"\n')
+    values = settings(parser.parse_args(["--config", str(config)]), {})
+    assert (values["max_batch"], values["backend"], values["cuda_device"]) == (16, "cuda", "cuda:1")
+    with pytest.raises(ConfigError, match="max_batch must be at least 1"):
+        settings(parser.parse_args(["--max-batch", "0"]), {})
+
+
+def test_only_a_batching_backend_gets_batches(engine, torch_engine):
+    assert Scheduler(engine, max_batch=64).max_batch == 1  # numpy: one job per engine thread, as before
+    assert Scheduler(torch_engine, max_batch=8).max_batch == 8
+    cpu = Daemon(engine, ServerConfig(port=0))
+    assert cpu.health()["engine"]["max_batch"] == 1 and "device_memory" not in cpu.health()["engine"]
+    body = cpu.metrics.render()[0].decode()
+    assert "streamd_max_batch 1.0" in body and "streamd_device_memory_bytes" not in body
+
+
+class _Owner:
+    def __init__(self) -> None:
+        self.messages: list[dict] = []
+
+    def put(self, message) -> None:
+        self.messages.append(json.loads(message.text))
+
+
+async def test_a_failed_batch_is_retried_job_by_job_and_only_the_bad_job_errs():
+    def run_batch(engine, jobs, mels):
+        raise RuntimeError("batch failed")
+
+    def run(engine, job, mel):
+        if job.prefix == "bad":
+            raise ValueError("bad window")
+        return [TimedWord(" hello", job.offset, job.offset + 0.5, 0.9)]
+
+    scheduler = Scheduler(SimpleNamespace(backend=SimpleNamespace(supports_batching=True)), run, 1, 8, run_batch)
+    scheduler._window_mels = lambda batch: [None] * len(batch)  # no mel frames were pushed here
+    sources = [Source(f"s{i}", "ws", {}, set()) for i in range(2)]
+    for source in sources:
+        source.owner = _Owner()
+    jobs = [Job(np.zeros(16000, np.float32), 0.0, "", "", True), Job(np.zeros(16000, np.float32), 0.0, "", "bad", True)]
+    await scheduler._execute_batch(list(zip(sources, jobs, strict=True)))
+    good, bad = (s.owner.messages for s in sources)
+    assert [m["text"] for m in good if m["type"] == "final"] == ["hello"]
+    assert [m["code"] for m in bad if m["type"] == "error"] == ["engine_error"]
+    assert scheduler.stats.failures == 1 and scheduler.stats.jobs == 2 and scheduler.stats.last_batch == 2
+    scheduler._executor.shutdown()
+    scheduler._mel_executor.shutdown()
+
+
+# -- a real daemon -------------------------------------------------------------------------
+
+LIVE = ["dev_jfk_inaugural_1961", "dev_librispeech_1221-135766-0002", "dev_vctk_p287_003_clean"]
+
+
+async def _stream(port: int, name: str, speed: float = 2.0) -> list[dict]:
+    """One client sending ``name`` at ``speed`` times real time; every message it gets back."""
+    audio = _audio(name)
+    step = 1600
+    messages: list[dict] = []
+    async with connect(f"ws://127.0.0.1:{port}/v1/stream") as ws:
+        start = {
+            "type": "start",
+            "protocol": 1,
+            "source": name,
+            "audio": {"encoding": "pcm_f32le", "sample_rate": 16000},
+        }
+        await ws.send(json.dumps(start))
+
+        async def receive() -> None:
+            try:
+                async for frame in ws:
+                    messages.append(json.loads(frame))
+            except ConnectionClosed:
+                pass
+
+        receiving = asyncio.create_task(receive())
+        for i in range(0, len(audio), step):
+            await ws.send(audio[i : i + step].astype("<f4").tobytes())
+            await asyncio.sleep(step / 16000 / speed)
+        await ws.send(json.dumps({"type": "stop"}))
+        await asyncio.wait_for(receiving, 120)
+    return messages
+
+
+def _get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return r.read().decode()
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match[1])
+
+
+async def test_a_daemon_on_the_cuda_backend_batches_live_streams_and_reports_memory():
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamd", "serve", "--port", "0", "--backend", "cuda", "--cuda-device", "cpu",
+        "--max-batch", "8", "--threads", "1", "--log-level", "warning", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        port = None
+        while port is None:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
+            assert line, "the daemon exited before serving"
+            if m := re.search(r"serving .* on http://127.0.0.1:(\d+)", line):
+                port = int(m[1])
+        results = await asyncio.gather(*(_stream(port, name) for name in LIVE))
+        metrics = await asyncio.to_thread(_get, port, "/metrics")
+        health = json.loads(await asyncio.to_thread(_get, port, "/healthz"))
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 60) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+    for name, messages in zip(LIVE, results, strict=True):
+        assert messages[0]["type"] == "ready" and messages[-1]["type"] == "end"
+        assert messages[0]["devices"]["decoder"] == "cpu (torch)"
+        assert not [m for m in messages if m["type"] == "error"], name
+        finals = [m for m in messages if m["type"] == "final"]
+        text = " ".join(m["text"] for m in finals)
+        error = jiwer.wer(normalise(reference(CORPUS / f"{name}.wav")), normalise(text))
+        assert error <= 0.2, (name, error, text)
+        for f in finals:
+            assert "".join(w["word"] for w in f["words"]).strip() == f["text"]
+            assert f["start"] <= f["words"][0]["start"] <= f["words"][-1]["end"] <= f["end"]
+
+    engine = health["engine"]
+    assert engine["max_batch"] == 8 and 1 < engine["largest_batch"] <= 3  # one job per stream per batch
+    jobs, batches = _metric(metrics, "streamd_batch_size_sum"), _metric(metrics, "streamd_batch_size_count")
+    assert jobs == engine["jobs"] and batches == engine["batches"] and jobs > batches  # batches of more than one
+    per_stream = _metric(metrics, "streamd_decode_state_bytes_per_stream")
+    assert per_stream == engine["device_memory"]["decode_state_bytes_per_stream"] > 0
+    rows = engine["device_memory"]["decode_state_rows"]
+    assert 2 <= rows <= 8  # the decoder's state grew to the batch bucket, never past max_batch
+    assert _metric(metrics, 'streamd_device_memory_bytes{kind="decode_state"}') == rows * per_stream
