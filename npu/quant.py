@@ -103,6 +103,28 @@ def _ln(w: WhisperWeights, name: str) -> tuple[np.ndarray, np.ndarray]:
     return w[f"{name}.weight"], w[f"{name}.bias"]
 
 
+def _linear(w: WhisperWeights, name: str, kind: str, scale: np.float32 | None = None) -> QLinear:
+    weight, bias = w[f"{name}.weight"], w[f"{name}.bias"]
+    if scale is not None:
+        weight, bias = weight * scale, bias * scale
+    return QLinear.from_float(weight, bias, _bits(kind))
+
+
+def _self_attention_and_mlp(w: WhisperWeights, p: str, d_model: int, scale: np.float32) -> dict:
+    """A layer's self-attention (the query rows of the fused QKV pre-scaled) and MLP weights."""
+    qkv_w, qkv_b = w[f"{p}.attn.qkv.weight"].copy(), w[f"{p}.attn.qkv.bias"].copy()
+    qkv_w[:d_model] *= scale
+    qkv_b[:d_model] *= scale
+    return {
+        "attn_ln": _ln(w, f"{p}.attn_ln"),
+        "qkv": QLinear.from_float(qkv_w, qkv_b, _bits("qkv")),
+        "out": _linear(w, f"{p}.attn.out", "out"),
+        "mlp_ln": _ln(w, f"{p}.mlp_ln"),
+        "fc1": _linear(w, f"{p}.mlp.fc1", "fc1"),
+        "fc2": _linear(w, f"{p}.mlp.fc2", "fc2"),
+    }
+
+
 class QuantEncoder:
     def __init__(self, w: WhisperWeights) -> None:
         d = w.dims
@@ -118,22 +140,9 @@ class QuantEncoder:
 
         self.conv1, self.conv2 = conv("encoder.conv1"), conv("encoder.conv2")
         self.positions = w["encoder.positions"]
-        self.layers = []
-        for i in range(d.n_audio_layer):
-            p = f"encoder.layers.{i}"
-            qkv_w, qkv_b = w[f"{p}.attn.qkv.weight"].copy(), w[f"{p}.attn.qkv.bias"].copy()
-            qkv_w[: d.n_audio_state] *= scale
-            qkv_b[: d.n_audio_state] *= scale
-            self.layers.append(
-                {
-                    "attn_ln": _ln(w, f"{p}.attn_ln"),
-                    "qkv": QLinear.from_float(qkv_w, qkv_b, _bits("qkv")),
-                    "out": QLinear.from_float(w[f"{p}.attn.out.weight"], w[f"{p}.attn.out.bias"], _bits("out")),
-                    "mlp_ln": _ln(w, f"{p}.mlp_ln"),
-                    "fc1": QLinear.from_float(w[f"{p}.mlp.fc1.weight"], w[f"{p}.mlp.fc1.bias"], _bits("fc1")),
-                    "fc2": QLinear.from_float(w[f"{p}.mlp.fc2.weight"], w[f"{p}.mlp.fc2.bias"], _bits("fc2")),
-                }
-            )
+        self.layers = [
+            _self_attention_and_mlp(w, f"encoder.layers.{i}", d.n_audio_state, scale) for i in range(d.n_audio_layer)
+        ]
         self.ln_post = _ln(w, "encoder.ln")
 
     @staticmethod
@@ -204,29 +213,12 @@ class QuantDecoder:
         self.layers = []
         for i in range(d.n_text_layer):
             p = f"decoder.layers.{i}"
-            qkv_w, qkv_b = w[f"{p}.attn.qkv.weight"].copy(), w[f"{p}.attn.qkv.bias"].copy()
-            qkv_w[: d.n_text_state] *= scale
-            qkv_b[: d.n_text_state] *= scale
-            self.layers.append(
-                {
-                    "attn_ln": _ln(w, f"{p}.attn_ln"),
-                    "qkv": QLinear.from_float(qkv_w, qkv_b, _bits("qkv")),
-                    "out": QLinear.from_float(w[f"{p}.attn.out.weight"], w[f"{p}.attn.out.bias"], _bits("out")),
-                    "cross_ln": _ln(w, f"{p}.cross_ln"),
-                    "cross_q": QLinear.from_float(
-                        w[f"{p}.cross.q.weight"] * scale, w[f"{p}.cross.q.bias"] * scale, _bits("cross_q")
-                    ),
-                    "cross_kv": QLinear.from_float(
-                        w[f"{p}.cross.kv.weight"], w[f"{p}.cross.kv.bias"], _bits("cross_kv")
-                    ),
-                    "cross_out": QLinear.from_float(
-                        w[f"{p}.cross.out.weight"], w[f"{p}.cross.out.bias"], _bits("cross_out")
-                    ),
-                    "mlp_ln": _ln(w, f"{p}.mlp_ln"),
-                    "fc1": QLinear.from_float(w[f"{p}.mlp.fc1.weight"], w[f"{p}.mlp.fc1.bias"], _bits("fc1")),
-                    "fc2": QLinear.from_float(w[f"{p}.mlp.fc2.weight"], w[f"{p}.mlp.fc2.bias"], _bits("fc2")),
-                }
-            )
+            layer = _self_attention_and_mlp(w, p, d.n_text_state, scale)
+            layer["cross_ln"] = _ln(w, f"{p}.cross_ln")
+            layer["cross_q"] = _linear(w, f"{p}.cross.q", "cross_q", scale)
+            layer["cross_kv"] = _linear(w, f"{p}.cross.kv", "cross_kv")
+            layer["cross_out"] = _linear(w, f"{p}.cross.out", "cross_out")
+            self.layers.append(layer)
         self.ln = _ln(w, "decoder.ln")
 
     def cross_kv(self, features: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:

@@ -197,6 +197,26 @@ class XdnaBackend(Backend):
         d = self.dims.n_audio_state
         qu.call("layernorm", 1, rows, 0, d, (x, mat(0, d)), (params[0], mat()), (params[1], mat()), (out, mat(0, d)))
 
+    def _mlp(self, qu: _Queue, layer: dict, x: Tensor, rows: int, hbuf: Tensor, hidden: Tensor) -> None:
+        """``x += fc2(gelu(fc1(layer_norm(x))))`` over ``rows`` rows."""
+        width = layer["fc1"].n
+        self._layernorm(qu, layer["mlp_ln"], x, rows, hbuf)
+        self._apply(qu, layer["fc1"], hbuf, rows, hidden)
+        qu.call("gelu", 1, rows, 0, width, (hidden, mat(0, width)), (None, ABSENT), (hidden, mat(0, width)))
+        self._apply(qu, layer["fc2"], hidden, rows, x, residual=x)
+
+    def _keys_values(self, qu: _Queue, src: Tensor, h: int, dh: int, t: int, row_stride: int, k_offset: int,
+                     v_offset: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """A window's attention keys quantised per token and head ``[h, t, dh]`` and values per
+        channel, read transposed ``[h, dh, t]``, from the float rows of ``src``."""
+        kq, ks = self.tensor(np.int8, h * t * dh), self.tensor(np.float32, h * t)
+        vq, vs = self.tensor(np.int8, h * dh * t), self.tensor(np.float32, h * dh)
+        qu.call("quantize", h, t, 0, dh, (src, mat(k_offset, row_stride, batch=dh)), (kq, mat(0, dh, batch=t * dh)),
+                (ks, mat(0, 1, batch=t)))  # fmt: skip
+        qu.call("quantize", h, dh, 0, t, (src, mat(v_offset, 1, row_stride, batch=dh)),
+                (vq, mat(0, t, batch=dh * t)), (vs, mat(0, 1, batch=dh)))  # fmt: skip
+        return kq, ks, vq, vs
+
     def _attend(
         self,
         qu: _Queue,
@@ -304,17 +324,12 @@ class XdnaBackend(Backend):
         hbuf = self.tensor(np.float32, t * d)
         qkv = self.tensor(np.float32, t * 3 * d)
         heads = self.tensor(np.float32, t * d)
-        kq, ks = self.tensor(np.int8, h * t * dh), self.tensor(np.float32, h * t)
-        vq, vs = self.tensor(np.int8, h * dh * t), self.tensor(np.float32, h * dh)
         mlp = self.tensor(np.float32, t * 4 * d)
         for layer in self.enc_layers:
             self._layernorm(qu, layer["attn_ln"], x, t, hbuf)
             self._apply(qu, layer["qkv"], hbuf, t, qkv)
-            # keys per token and head, values per channel (transposed read)
-            qu.call("quantize", h, t, 0, dh, (qkv, mat(d, 3 * d, batch=dh)), (kq, mat(0, dh, batch=t * dh)),
-                    (ks, mat(0, 1, batch=t)))  # fmt: skip
-            qu.call("quantize", h, dh, 0, t, (qkv, mat(2 * d, 1, 3 * d, batch=dh)), (vq, mat(0, t, batch=dh * t)),
-                    (vs, mat(0, 1, batch=dh)))  # fmt: skip
+            kq, ks, vq, vs = self._keys_values(qu, qkv, h, dh, t, 3 * d, d, 2 * d)
+            self._scratch.extend([kq, ks, vq, vs])
             self._attend(
                 qu, h, t, t, dh,
                 q=(qkv, mat(0, 3 * d, batch=dh)),
@@ -323,13 +338,10 @@ class XdnaBackend(Backend):
                 out=(heads, mat(0, d, batch=dh)),
             )  # fmt: skip
             self._apply(qu, layer["out"], heads, t, x, residual=x)
-            self._layernorm(qu, layer["mlp_ln"], x, t, hbuf)
-            self._apply(qu, layer["fc1"], hbuf, t, mlp)
-            qu.call("gelu", 1, t, 0, 4 * d, (mlp, mat(0, 4 * d)), (None, ABSENT), (mlp, mat(0, 4 * d)))
-            self._apply(qu, layer["fc2"], mlp, t, x, residual=x)
+            self._mlp(qu, layer, x, t, hbuf, mlp)
         out = self.tensor(np.float32, t * d)
         self._layernorm(qu, self.enc_ln_post, x, t, out)
-        self._scratch.extend([x_in, h1, x, hbuf, qkv, heads, kq, ks, vq, vs, mlp])
+        self._scratch.extend([x_in, h1, x, hbuf, qkv, heads, mlp])
         features = XdnaFeatures(out, t)
         features._finalizer = weakref.finalize(features, self._release_features, out, [])
         return features
@@ -382,14 +394,9 @@ class XdnaBackend(Backend):
             cross, owned = [], []
             for layer in self.dec_layers:
                 self._apply(qu, layer["cross_kv"], features.x, t, kv)
-                kq, ks = self.tensor(np.int8, h * t * dh), self.tensor(np.float32, h * t)
-                vq, vs = self.tensor(np.int8, h * dh * t), self.tensor(np.float32, h * dh)
-                qu.call("quantize", h, t, 0, dh, (kv, mat(0, 2 * d, batch=dh)), (kq, mat(0, dh, batch=t * dh)),
-                        (ks, mat(0, 1, batch=t)))  # fmt: skip
-                qu.call("quantize", h, dh, 0, t, (kv, mat(d, 1, 2 * d, batch=dh)), (vq, mat(0, t, batch=dh * t)),
-                        (vs, mat(0, 1, batch=dh)))  # fmt: skip
-                cross.append((kq, ks, vq, vs))
-                owned.extend([kq, ks, vq, vs])
+                kv_q = self._keys_values(qu, kv, h, dh, t, 2 * d, 0, d)
+                cross.append(kv_q)
+                owned.extend(kv_q)
             qu.submit()
             self.free(kv, *self._scratch)
             self._scratch = []
@@ -545,10 +552,7 @@ class _XdnaSession(DecoderSession):
                         out=(heads, mat(r * n * d, d, batch=dh)), scores_out=scores,
                     )  # fmt: skip
                 b._apply(qu, layer["cross_out"], heads, rows, x, residual=x)
-                b._layernorm(qu, layer["mlp_ln"], x, rows, hbuf)
-                b._apply(qu, layer["fc1"], hbuf, rows, mlp)
-                qu.call("gelu", 1, rows, 0, 4 * d, (mlp, mat(0, 4 * d)), (None, ABSENT), (mlp, mat(0, 4 * d)))
-                b._apply(qu, layer["fc2"], mlp, rows, x, residual=x)
+                b._mlp(qu, layer, x, rows, hbuf, mlp)
             b._layernorm(qu, b.dec_ln, x, rows, hbuf)
             vocab = b.dims.n_vocab
             logits = b.tensor(np.float32, batch * len(positions) * vocab)
