@@ -8,10 +8,15 @@ double buffering, falling back to the CPU — must come out exactly as the golde
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
+import json
+import os
+import re
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -284,3 +289,53 @@ def test_default_placement_decodes_the_npu_encoder_output_on_the_cpu(engine, art
     assert backend.devices == {**backend.devices, "decoder": "cpu"} and backend.devices["encoder"].startswith("xdna")
     del backend, features, session
     gc.collect()
+
+
+async def test_the_daemon_on_xdna_names_its_devices_and_falls_back_without_losing_text(artifacts):
+    """A real `streamd serve --backend xdna` on the fake device, which starts failing every run
+    after its 150th (in the second encoder window): the stream carries on on the CPU, /healthz says
+    so, and the transcript is whole."""
+    from websockets.asyncio.client import connect
+
+    wav = CORPUS / "dev_jfk_inaugural_1961.wav"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(FAKE), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        "STREAMD_XDNA_ARTIFACTS": str(artifacts.root),
+        "FAKE_PYXRT_FAIL_AFTER": "150",
+    }
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "streamd", "serve", "--port", "0", "--backend", "xdna", "--file", str(wav),
+        stderr=asyncio.subprocess.PIPE, env=env,
+    )  # fmt: skip
+    log_lines: list[str] = []
+    try:
+        port = None
+        while port is None:
+            line = (await asyncio.wait_for(proc.stderr.readline(), 120)).decode()
+            assert line, "the daemon exited before serving: " + "".join(log_lines)
+            log_lines.append(line)
+            if m := re.search(r"serving .* on http://127.0.0.1:(\d+)", line):
+                port = int(m[1])
+        messages = []
+        async with connect(f"ws://127.0.0.1:{port}/v1/captions?source={wav.stem}") as viewer:
+            while not messages or messages[-1]["type"] != "end":
+                messages.append(json.loads(await asyncio.wait_for(viewer.recv(), 120)))
+        url = f"http://127.0.0.1:{port}/healthz"
+        health = json.loads(await asyncio.to_thread(lambda: urllib.request.urlopen(url, timeout=10).read()))
+    finally:
+        proc.terminate()
+        rest = await asyncio.wait_for(proc.stderr.read(), 30)
+        log_lines.append(rest.decode())
+        await proc.wait()
+    ready = messages[0]
+    assert ready["type"] == "ready" and ready["devices"]["mel"] == "cpu", ready
+    assert ready["devices"]["encoder"].startswith("xdna") and ready["devices"]["decoder"] == "cpu", ready
+    assert health["devices"]["encoder"].startswith("cpu (fallback: xdna encoder failed"), health["devices"]
+    assert "encoder stage failed, running it on the CPU" in "".join(log_lines)
+    import jiwer
+    from whisper_normalizer.english import EnglishTextNormalizer
+
+    norm = EnglishTextNormalizer()
+    text = " ".join(m["text"] for m in messages if m["type"] == "final")
+    assert jiwer.wer(norm(reference(wav)), norm(text)) < 0.25, text

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import queue
 import threading
 import time
@@ -370,6 +371,10 @@ class runlist:
     def wait(self) -> None:
         for r in self._runs:
             r.wait()
+
+
+if os.environ.get("FAKE_PYXRT_FAIL_AFTER"):  # fault injection into a daemon run as a subprocess
+    fail_after(int(os.environ["FAKE_PYXRT_FAIL_AFTER"]))
 
 
 def make_artifacts(root, stages: dict[str, list[str]] | None = None) -> None:
