@@ -50,7 +50,11 @@ def _xdna(weights: WhisperWeights, decoder_on: str) -> Backend:
     try:
         return FallbackBackend(XdnaBackend(weights, decoder_on=decoder_on), CpuBackend(weights))
     except (XdnaError, OSError, RuntimeError) as e:
-        raise BackendUnavailable(f"xdna backend unavailable: {e}") from None
+        why = str(e)
+        also = xdna_unavailable()  # the first missing piece: device node, pyxrt or artifacts
+        if also and also not in why:
+            why += f"; also: {also}"
+        raise BackendUnavailable(f"xdna backend unavailable: {why}") from None
 
 
 def create_backend(weights: WhisperWeights, name: str = "auto", device: str | None = None) -> Backend:
