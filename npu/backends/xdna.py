@@ -1,18 +1,23 @@
 """The ``xdna`` backend: the quantised graph of :mod:`npu.quant` on an AMD XDNA NPU through pyxrt.
 
-Every op of the mel stage (after framing), the encoder and each decoder step runs as a kernel
-call on the NPU, queued per stage and submitted as one runlist (one per mel window, one per
-encoder window, one per decoder step). Data stays in device buffer objects between calls: the
-encoder's output, the decoder's per-window cross-attention keys and values, and the decoder's
-self-attention KV cache, one buffer object per window with a sub-buffer per layer, into which
-each step's quantise kernel writes the new keys and values in place. Only what the host needs
+Every op of the mel stage (after framing), the encoder and (with ``decoder_on="npu"``, the
+``xdna-all`` backend) each decoder step runs as a kernel call on the NPU, queued per stage and
+submitted as one runlist (one per mel window, one per encoder window, one per decoder step). With
+``decoder_on="cpu"`` (``xdna``, the placement :mod:`npu.xdna.perf` favours) the encoder's output
+is read back once per window and the float32 CPU decoder takes it from there.
+
+Data stays in device buffer objects between calls: the encoder's output, the decoder's
+per-window cross-attention keys and values, and the decoder's self-attention KV cache, one buffer
+object per window with a sub-buffer per layer, into which each step's quantise kernel writes the
+new keys and values in place. Only what the host needs
 crosses: mel frames in, log-mel out; the mel window in; token embeddings in and logits out.
 
 On the CPU: cutting audio into frames and Whisper's clamp of the log-mel (one max per window),
 the token embedding lookup, the search over logits, and beam reordering of the cache.
 
-Encoding is double-buffered: :meth:`XdnaBackend.encode_async` uploads a window into one of two
-input slots and submits it, so the next window's mel and upload proceed while the NPU encodes.
+Encoding is double-buffered: :meth:`XdnaBackend.encode_async` uploads a window into its own
+pooled buffers and submits it from a thread, so the next window's mel and upload proceed while
+the NPU encodes the previous one.
 """
 
 from __future__ import annotations
@@ -111,7 +116,6 @@ class XdnaBackend(Backend):
 
             self.cpu = CpuBackend(weights)
         self._lock = threading.Lock()  # one window's buffers are set up at a time
-        self._slot = 0
         self._upload_weights()
 
     @property
