@@ -79,11 +79,16 @@ class QLinear:
         return y.reshape(*lead, -1)
 
 
+def _scores(q: np.ndarray, kq: np.ndarray, ks: np.ndarray) -> np.ndarray:
+    """Raw attention scores of float queries over keys quantised per row (``kq``, ``ks``)."""
+    qq, qs = g.quantize_rows(q)
+    return g.dequant(g.gemm_bt(qq, kq), qs, ks)
+
+
 def attend(q: np.ndarray, kq: np.ndarray, ks: np.ndarray, vq_t: np.ndarray, vs: np.ndarray, n_valid=None):
     """One head: ``q`` float32 ``[n, dh]``; keys int8 per row ``kq [T, dh]``, ``ks [T]``; values per
     channel ``vq_t [dh, T]``, ``vs [dh]``. Returns (output ``[n, dh]``, raw scores ``[n, T]``)."""
-    qq, qs = g.quantize_rows(q)
-    scores = g.dequant(g.gemm_bt(qq, kq), qs, ks)
+    scores = _scores(q, kq, ks)
     p = g.softmax(scores, n_valid)
     pq, ps = g.quantize_rows(p)
     return g.dequant(g.gemm_bt(pq, vq_t), ps, vs), scores
@@ -92,9 +97,7 @@ def attend(q: np.ndarray, kq: np.ndarray, ks: np.ndarray, vq_t: np.ndarray, vs: 
 def attend_token_values(q, kq, ks, vq, vs, n_valid=None):
     """One head over a cache whose values are quantised per token (``vq [T, dh]``, ``vs [T]``):
     the value scales are folded into the probabilities before those are quantised."""
-    qq, qs = g.quantize_rows(q)
-    scores = g.dequant(g.gemm_bt(qq, kq), qs, ks)
-    p = g.softmax(scores, n_valid, col_scale=vs)
+    p = g.softmax(_scores(q, kq, ks), n_valid, col_scale=vs)
     pq, ps = g.quantize_rows(p)
     return g.dequant(g.gemm(pq, vq), ps, np.ones(vq.shape[1], np.float32))
 

@@ -140,25 +140,22 @@ class Scheduler:
     def _window_mels(self, batch: list[tuple[Source, Job]]) -> list:
         return [self._window_mel(source, job) for source, job in batch]
 
-    def _batch(self, jobs: list[Job], mels: list) -> list[list[TimedWord]]:
+    def _busy(self, run: Callable, *args):
+        """``run(engine, *args)`` on an engine thread, counted as busy while it runs."""
         with self._busy_lock:
             self._engines_busy += 1
             self.stats.most_concurrent = max(self.stats.most_concurrent, self._engines_busy)
         try:
-            return self._run_batch(self.engine, jobs, mels)
+            return run(self.engine, *args)
         finally:
             with self._busy_lock:
                 self._engines_busy -= 1
 
+    def _batch(self, jobs: list[Job], mels: list) -> list[list[TimedWord]]:
+        return self._busy(self._run_batch, jobs, mels)
+
     def _job(self, job: Job, mel) -> list[TimedWord]:
-        with self._busy_lock:
-            self._engines_busy += 1
-            self.stats.most_concurrent = max(self.stats.most_concurrent, self._engines_busy)
-        try:
-            return self._run(self.engine, job, mel)
-        finally:
-            with self._busy_lock:
-                self._engines_busy -= 1
+        return self._busy(self._run, job, mel)
 
     @property
     def waiting(self) -> int:

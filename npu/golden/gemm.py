@@ -32,33 +32,36 @@ def _as_float(x: np.ndarray, dtype: type[np.floating]) -> np.ndarray:
     return hit[1]
 
 
+def _product(a: np.ndarray, b: np.ndarray, transposed: bool) -> np.ndarray:
+    """``a`` (int8, or int16) times int8 ``b`` (``[K, N]``, or ``[N, K]`` when ``transposed``),
+    exactly: checked against the int32 bound for ``a``'s type, computed in the narrowest exact
+    float."""
+    if a.dtype not in (np.int8, np.int16) or b.dtype != np.int8:
+        raise TypeError(f"GEMM takes int8 or int16 x int8 operands, got {a.dtype} and {b.dtype}")
+    wide = a.dtype == np.int16
+    k = a.shape[-1]
+    if k != b.shape[-1 if transposed else 0] or k > (MAX_K_I16 if wide else MAX_K):
+        raise ValueError(f"bad GEMM shapes {a.shape} x {b.shape}{'^T' if transposed else ''}")
+    dtype = np.float64 if wide or k > EXACT_F32_K else np.float32
+    fb = _as_float(b, dtype)
+    return (_as_float(a, dtype) @ (fb.T if transposed else fb)).astype(np.int32)
+
+
 def gemm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a`` int8 ``[M, K]`` times ``b`` int8 ``[K, N]`` -> int32 ``[M, N]``."""
-    if a.dtype != np.int8 or b.dtype != np.int8:
-        raise TypeError(f"gemm takes int8 operands, got {a.dtype} and {b.dtype}")
-    k = a.shape[-1]
-    if k != b.shape[0] or k > MAX_K:
-        raise ValueError(f"bad GEMM shapes {a.shape} x {b.shape}")
-    dtype = np.float32 if k <= EXACT_F32_K else np.float64
-    return (_as_float(a, dtype) @ _as_float(b, dtype)).astype(np.int32)
+    if a.dtype != np.int8:
+        raise TypeError(f"gemm takes int8 operands, got {a.dtype}")
+    return _product(a, b, transposed=False)
 
 
 def gemm_bt(a: np.ndarray, bt: np.ndarray) -> np.ndarray:
     """``a`` int8 or int16 ``[M, K]`` times the transpose of int8 ``bt`` ``[N, K]`` (weights
     stored out x in)."""
-    if a.dtype not in (np.int8, np.int16) or bt.dtype != np.int8:
-        raise TypeError(f"gemm takes int8 or int16 x int8 operands, got {a.dtype} and {bt.dtype}")
-    k = a.shape[-1]
-    if k != bt.shape[-1] or k > (MAX_K if a.dtype == np.int8 else MAX_K_I16):
-        raise ValueError(f"bad GEMM shapes {a.shape} x {bt.shape}^T")
-    dtype = np.float32 if k <= EXACT_F32_K and a.dtype == np.int8 else np.float64
-    return (_as_float(a, dtype) @ _as_float(bt, dtype).T).astype(np.int32)
+    return _product(a, bt, transposed=True)
 
 
 def gemm_i16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """``a`` int16 ``[M, K]`` (K < 512) times ``b`` int8 ``[K, N]`` -> int32 ``[M, N]``."""
-    if a.dtype != np.int16 or b.dtype != np.int8:
-        raise TypeError(f"gemm_i16 takes int16 x int8 operands, got {a.dtype} and {b.dtype}")
-    if a.shape[-1] != b.shape[0] or a.shape[-1] > MAX_K_I16:
-        raise ValueError(f"bad GEMM shapes {a.shape} x {b.shape}")
-    return (_as_float(a, np.float64) @ _as_float(b, np.float64)).astype(np.int32)
+    if a.dtype != np.int16:
+        raise TypeError(f"gemm_i16 takes int16 x int8 operands, got {a.dtype}")
+    return _product(a, b, transposed=False)
