@@ -48,7 +48,8 @@ def _xdna(weights: WhisperWeights, decoder_on: str) -> Backend:
     from .xdna import XdnaBackend
 
     try:
-        return FallbackBackend(XdnaBackend(weights, decoder_on=decoder_on), CpuBackend(weights))
+        cpu = CpuBackend(weights)  # behind every NPU stage, and the decoder of the xdna placement
+        return FallbackBackend(XdnaBackend(weights, decoder_on=decoder_on, cpu=cpu), cpu)
     except (XdnaError, OSError, RuntimeError) as e:
         why = str(e)
         also = xdna_unavailable()  # the first missing piece: device node, pyxrt or artifacts

@@ -122,14 +122,13 @@ class _FallbackSession(DecoderSession):
         self.session, self.on_cpu = session, True
 
     def reorder(self, source: np.ndarray) -> None:
-        if not self.on_cpu:
-            try:
-                self.session.reorder(source)
-                self.history = self.history[np.asarray(source)]
-                return
-            except Exception as e:
-                self.backend._fail("decoder", e)
-                self.history = self.history[np.asarray(source)]
-                self._move_to_cpu()
-                return
-        self.session.reorder(source)
+        source = np.asarray(source)
+        if self.on_cpu:
+            self.session.reorder(source)
+            return
+        self.history = self.history[source]  # what a CPU session would replay from here
+        try:
+            self.session.reorder(source)
+        except Exception as e:
+            self.backend._fail("decoder", e)
+            self._move_to_cpu()

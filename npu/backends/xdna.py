@@ -32,7 +32,7 @@ import numpy as np
 
 from .. import golden
 from ..backend import Backend, DecoderSession
-from ..quant import QLinear, QuantModel
+from ..quant import QLinear, QuantDecoder, QuantEncoder
 from ..weights import WhisperWeights
 from ..xdna.artifacts import ABSENT, Artifacts, Call, Operand
 from ..xdna.runtime import Runtime
@@ -98,23 +98,32 @@ class XdnaBackend(Backend):
     name = "xdna"
 
     def __init__(
-        self, weights: WhisperWeights, artifacts: Artifacts | None = None, pyxrt=None, decoder_on: str = "npu"
+        self,
+        weights: WhisperWeights,
+        artifacts: Artifacts | None = None,
+        pyxrt=None,
+        decoder_on: str = "npu",
+        cpu: Backend | None = None,
     ) -> None:
         """``decoder_on="cpu"`` is the placement :mod:`npu.xdna.perf` predicts to be faster on
         npu1 today: a decoder step is ~156 kernel calls, whose dispatch alone (~5.6 ms) costs more
         than the CPU's whole float32 step; the encoder's output is then read back once per window
-        for the CPU decoder."""
+        for the CPU decoder (``cpu``, or a new :class:`~npu.backends.cpu.CpuBackend`), and the
+        decoder is neither quantised nor uploaded."""
         super().__init__(weights)
         if decoder_on not in ("npu", "cpu"):
             raise ValueError(f"decoder_on must be npu or cpu, got {decoder_on!r}")
         self.rt = Runtime(artifacts or Artifacts.load(), pyxrt)
-        self.model = QuantModel(weights)
         self.label = f"xdna ({self.rt.artifacts.manifest.get('device', 'npu1')})"
-        self.cpu = None
-        if decoder_on == "cpu":
+        self.encoder_model = QuantEncoder(weights)
+        self.decoder_model: QuantDecoder | None = None
+        self.cpu: Backend | None = None
+        if decoder_on == "npu":
+            self.decoder_model = QuantDecoder(weights)
+        else:
             from .cpu import CpuBackend
 
-            self.cpu = CpuBackend(weights)
+            self.cpu = cpu or CpuBackend(weights)
         self._lock = threading.Lock()  # one window's buffers are set up at a time
         self._upload_weights()
 
@@ -153,17 +162,19 @@ class XdnaBackend(Backend):
         return {k: self._norm(v) if k.endswith("_ln") else self._linear(v) for k, v in layer.items()}
 
     def _upload_weights(self) -> None:
-        enc, dec = self.model.encoder, self.model.decoder
+        enc = self.encoder_model
         self.conv1 = [self._linear(t) for t in enc.conv1]
         self.conv2 = [self._linear(t) for t in enc.conv2]
         self.enc_positions = self.upload(enc.positions)
         self.enc_layers = [self._layer(layer) for layer in enc.layers]
         self.enc_ln_post = self._norm(enc.ln_post)
-        self.dec_layers = [self._layer(layer) for layer in dec.layers]
-        self.dec_ln = self._norm(dec.ln)
-        self.vocab = self._linear(dec.embedding)
         self.basis = self.upload(golden.dft_basis())
-        self.ones = self.upload(np.ones(max(64, self.dims.n_text_state), np.float32))
+        dec = self.decoder_model
+        if dec is not None:
+            self.dec_layers = [self._layer(layer) for layer in dec.layers]
+            self.dec_ln = self._norm(dec.ln)
+            self.vocab = self._linear(dec.embedding)
+            self.ones = self.upload(np.ones(max(64, self.dims.n_text_state), np.float32))
 
     # -- op helpers (row-major float32 / int8 matrices held in Tensors) ------------------------
 
@@ -513,7 +524,7 @@ class _XdnaSession(DecoderSession):
         with b._lock:
             b._scratch = []
             qu = _Queue(b.rt, "decoder")
-            x = b.upload(b.model.decoder.embed(tokens, start).reshape(rows, d))  # lookup on the CPU
+            x = b.upload(b.decoder_model.embed(tokens, start).reshape(rows, d))  # lookup on the CPU
             hbuf, heads = b.tensor(np.float32, rows * d), b.tensor(np.float32, rows * d)
             qkv, q = b.tensor(np.float32, rows * 3 * d), b.tensor(np.float32, rows * d)
             mlp = b.tensor(np.float32, rows * 4 * d)
