@@ -153,9 +153,10 @@ async def main_async(args: argparse.Namespace) -> None:
                 Path(args.dump).mkdir(parents=True, exist_ok=True)
                 for i, r in enumerate(results):
                     (Path(args.dump) / f"{Path(path).stem}.{i}.txt").write_text(r["text"] + "\n", encoding="utf-8")
-            rows.append((Path(path).stem[:44], len(audio) / 16000, args.streams, statistics.median(finals),
-                         percentile(finals, 90), max(finals), statistics.median(partials), percentile(partials, 90),
-                         100 * statistics.mean(wers), cpu / audio_s))  # fmt: skip
+            rows.append((Path(path).stem[:44], len(audio) / 16000, args.streams, len(finals),
+                         statistics.median(finals), percentile(finals, 90), percentile(finals, 95), max(finals),
+                         statistics.median(partials), percentile(partials, 90), 100 * statistics.mean(wers),
+                         100 * max(wers), cpu / audio_s))  # fmt: skip
         health = await asyncio.to_thread(fetch_health, url)
         if health:
             e = health["engine"]
@@ -172,12 +173,12 @@ async def main_async(args: argparse.Namespace) -> None:
             if memory := e.get("device_memory"):
                 shown = [f"{k} {v}" if k.endswith("rows") else f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items()]
                 print("device memory: " + ", ".join(shown))
-        header = ("file", "audio s", "streams", "final med", "final p90", "final max", "partial med", "partial p90",
-                  "WER %", "CPU s/s")  # fmt: skip
+        header = ("file", "audio s", "streams", "finals", "final med", "final p90", "final p95", "final max",
+                  "partial med", "partial p90", "WER %", "worst WER %", "CPU s/s")  # fmt: skip
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
         for r in rows:
-            print(f"| {r[0]} | {r[1]:.0f} | {r[2]} | " + " | ".join(f"{v:.2f}" for v in r[3:]) + " |")
+            print(f"| {r[0]} | {r[1]:.0f} | {r[2]} | {r[3]} | " + " | ".join(f"{v:.2f}" for v in r[4:]) + " |")
     finally:
         if proc:
             proc.terminate()

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -271,7 +272,8 @@ class CudaBackend(Backend):
         if dtype is None:
             dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         self.dtype = dtype
-        self.use_graphs = self.device.type == "cuda"
+        # STREAMD_CUDA_GRAPHS=0 runs the same steps eagerly: a switch for debugging, not for speed.
+        self.use_graphs = self.device.type == "cuda" and os.environ.get("STREAMD_CUDA_GRAPHS", "1") != "0"
         self._label = device_label(self.device)
         self._load(weights)
         self._state: _DecodeState | None = None
@@ -693,7 +695,8 @@ class CudaBackend(Backend):
             self._graph_pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         # Every graph keeps its results in ``st``, so one pool serves all of them: no two replay at once.
-        with torch.cuda.graph(graph, pool=self._graph_pool):
+        # thread_local: another engine thread's launches (an encode, say) may go on during capture.
+        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
             self._step(st, b, a, s)
         self._graphs[(b, a, s)] = graph
         return graph
