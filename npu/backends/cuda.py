@@ -635,6 +635,7 @@ class CudaBackend(Backend):
         captured on the old buffers)."""
         if self._state is None or self._state.capacity < rows:
             self._graphs.clear()
+            self._graph_pool = None  # torch frees a pool with its last graph: the old handle is dead
             self._state = None
             self._state = _DecodeState(_bucket(rows, self.batch_buckets), self)
         return self._state
