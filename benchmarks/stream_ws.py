@@ -170,6 +170,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     f"batching: {e['batches']} engine runs, {mean:.1f} jobs per run on average, largest "
                     f"{e['largest_batch']} (max_batch {e['max_batch']}); devices {health['devices']}"
                 )
+                print("batch parts, s: " + ", ".join(f"{k} {v:.2f}" for k, v in e.get("batch_s", {}).items()))
             if memory := e.get("device_memory"):
                 shown = [f"{k} {v}" if k.endswith("rows") else f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items()]
                 print("device memory: " + ", ".join(shown))

@@ -6,6 +6,7 @@ windows: encode a stretch of audio once, decode it (with temperature fallback), 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -99,6 +100,9 @@ class Engine:
         self.retry_padded = True  # re-run failed unpadded windows padded (off only to measure)
         self.padded_retries = 0  # unpadded windows that had to be re-run padded (a health figure)
         self.stage_seconds = dict.fromkeys(STAGES, 0.0)  # streaming compute per stage (metrics)
+        # Wall time of the batched path's parts (``continue_windows``): device launches are
+        # asynchronous, so "decode" also waits for the mel and encoder work queued before it.
+        self.batch_seconds = dict.fromkeys(("launch", "decode", "align", "words"), 0.0)
         self._stage_lock = threading.Lock()
 
     @classmethod
@@ -276,14 +280,16 @@ class Engine:
         rows = [i for i, r in enumerate(requests) if min(len(r.audio) // HOP_LENGTH, N_FRAMES) >= 2]
         if not rows:
             return out
-        clock = time.perf_counter()
+        clock = started = time.perf_counter()
         mels, num_frames = [], []
-        computed = False
+        missing = [i for i in rows if requests[i].mel is None]  # computed here, in one device launch
+        paddings = [self.window_padding(len(requests[i].audio), requests[i].min_frames) for i in missing]
+        computed = dict(
+            zip(missing, backend.log_mel_batch([requests[i].audio for i in missing], paddings), strict=True)
+        )
         for i in rows:
             r = requests[i]
-            mel = r.mel
-            if mel is None:
-                mel, computed = backend.log_mel(r.audio, padding=self.window_padding(len(r.audio), r.min_frames)), True
+            mel = computed[i] if r.mel is None else r.mel
             real = min(len(r.audio) // HOP_LENGTH, N_FRAMES)
             frames = self._encoder_frames(real, r.min_frames)
             if mel.shape[-1] < frames:  # (a mel from window_padding always covers them)
@@ -294,6 +300,7 @@ class Engine:
             clock = self._account("mel", clock)
         features = backend.encode_batch(mels)
         clock = self._account("encoder", clock)
+        marks = [started, clock]
 
         tok = self.tokenizer
         n_text_ctx = self.weights.dims.n_text_ctx
@@ -314,6 +321,7 @@ class Engine:
             return_scores=True,
             looping=looping,
         )
+        marks.append(time.perf_counter())
         timed: list[tuple[int, int, list[int], list[float]]] = []  # (row, request, tokens, probs)
         for row, (i, greedy) in enumerate(zip(rows, results, strict=True)):
             result = _greedy_result(tok, greedy, starts[row])
@@ -324,10 +332,16 @@ class Engine:
             scores = backend.alignment_batch(
                 [features[row] for row, _, _, _ in timed], [alignment_tokens(tok, tokens) for _, _, tokens, _ in timed]
             )
+            marks.append(time.perf_counter())
             for (row, i, tokens, probs), qk in zip(timed, scores, strict=True):
                 words = merge_punctuations(words_from_scores(qk, tok, tokens, probs, num_frames[row]))
                 out[i] = _after_prefix(words, len(requests[i].prefix))
         self._account("decoder", clock)
+        marks.append(time.perf_counter())
+        with self._stage_lock:
+            parts = ("launch", "decode", "align", "words") if len(marks) == 5 else ("launch", "decode", "words")
+            for part, (a, b) in zip(parts, itertools.pairwise(marks), strict=True):
+                self.batch_seconds[part] += b - a
         return out
 
 

@@ -14,7 +14,10 @@ on their own threads (each BLAS call single-threaded), one per core.
 On a backend that batches (``backend.supports_batching``: the GPU), a free engine thread takes
 up to ``max_batch`` ready jobs instead, most urgent first and one per stream, and runs them as
 one batch (:func:`~streamd.stream.run_jobs`): a GPU launch costs about the same for one window
-as for dozens. Each job's words then go back to its stream exactly as a lone job's do.
+as for dozens. Each job's words then go back to its stream exactly as a lone job's do. There the
+mel stage moves to the device too: the batch's window mels are one STFT launch, so the host
+computes no mel frames (at hundreds of streams the CPU mel thread was the bottleneck, and its
+work held the GIL that the event loop and the engine thread need).
 """
 
 from __future__ import annotations
@@ -74,6 +77,8 @@ class Scheduler:
         # Jobs per engine run: batches only where the backend takes them, else one job per thread.
         batching = getattr(getattr(engine, "backend", None), "supports_batching", False)
         self.max_batch = max(1, max_batch) if batching else 1
+        #: Window mels are computed by the batching backend on its device, not from frames pushed ahead.
+        self.device_mel = bool(batching)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="engine")
         self._mel_executor = ThreadPoolExecutor(1, thread_name_prefix="mel")
         self._engines_busy = 0
@@ -110,7 +115,7 @@ class Scheduler:
     def push_audio(self, source: Source) -> None:
         """Queue the mel of ``source``'s new audio on the mel thread; nothing while it is silent."""
         stream = source.stream
-        if stream.idle:
+        if stream.idle or self.device_mel:
             return
         start = stream.buffer_start_sample
         if source.mel_sent < start:  # after a silence: the cache starts again with the pre-roll
@@ -139,6 +144,13 @@ class Scheduler:
 
     def _window_mels(self, batch: list[tuple[Source, Job]]) -> list:
         return [self._window_mel(source, job) for source, job in batch]
+
+    async def _batch_mels(self, batch: list[tuple[Source, Job]]) -> list:
+        """The batch's window mels from the frames computed ahead, or ``None`` for each when the
+        device computes them in the batch (:attr:`device_mel`)."""
+        if self.device_mel:
+            return [None] * len(batch)
+        return await asyncio.get_running_loop().run_in_executor(self._mel_executor, self._window_mels, batch)
 
     def _busy(self, run: Callable, *args):
         """``run(engine, *args)`` on an engine thread, counted as busy while it runs."""
@@ -233,7 +245,7 @@ class Scheduler:
         jobs = [job for _, job in batch]
         mels: list | None = None
         try:
-            mels = await loop.run_in_executor(self._mel_executor, self._window_mels, batch)
+            mels = await self._batch_mels(batch)
             results = await loop.run_in_executor(self._executor, self._batch, jobs, mels)
         except asyncio.CancelledError:
             raise

@@ -242,7 +242,10 @@ class Daemon:
     @property
     def devices(self) -> dict[str, str]:
         """The device that runs each stage for live streams: their mel frames are computed on the
-        CPU as audio arrives (``StreamingMel``), whatever the backend's own mel runs on."""
+        CPU as audio arrives (``StreamingMel``), except on a batching backend, whose device
+        computes each batch's window mels itself."""
+        if self.scheduler.device_mel:
+            return dict(self.engine.devices)
         return {**self.engine.devices, "mel": "cpu"}
 
     def health(self) -> dict:
@@ -270,6 +273,7 @@ class Daemon:
                 "batches": stats.batches,
                 "last_batch": stats.last_batch,
                 "largest_batch": stats.largest_batch,
+                "batch_s": {k: round(v, 3) for k, v in getattr(self.engine, "batch_seconds", {}).items()},
                 **({"device_memory": memory} if (memory := self.device_memory()) is not None else {}),
             },
         }

@@ -189,7 +189,6 @@ async def test_a_failed_batch_is_retried_job_by_job_and_only_the_bad_job_errs():
         return [TimedWord(" hello", job.offset, job.offset + 0.5, 0.9)]
 
     scheduler = Scheduler(SimpleNamespace(backend=SimpleNamespace(supports_batching=True)), run, 1, 8, run_batch)
-    scheduler._window_mels = lambda batch: [None] * len(batch)  # no mel frames were pushed here
     sources = [Source(f"s{i}", "ws", {}, set()) for i in range(2)]
     for source in sources:
         source.owner = _Owner()
@@ -273,7 +272,8 @@ async def test_a_daemon_on_the_cuda_backend_batches_live_streams_and_reports_mem
 
     for name, messages in zip(LIVE, results, strict=True):
         assert messages[0]["type"] == "ready" and messages[-1]["type"] == "end"
-        assert messages[0]["devices"]["decoder"] == "cpu (torch)"
+        # Every stage on the backend's device, mel included: a batch's window mels are one device STFT.
+        assert messages[0]["devices"] == dict.fromkeys(("mel", "encoder", "decoder"), "cpu (torch)")
         assert not [m for m in messages if m["type"] == "error"], name
         finals = [m for m in messages if m["type"] == "final"]
         text = " ".join(m["text"] for m in finals)
@@ -284,6 +284,7 @@ async def test_a_daemon_on_the_cuda_backend_batches_live_streams_and_reports_mem
             assert f["start"] <= f["words"][0]["start"] <= f["words"][-1]["end"] <= f["end"]
 
     engine = health["engine"]
+    assert engine["mel_s"] == 0 and engine["window_mel_s"] == 0  # no mel frames computed on the host
     assert engine["max_batch"] == 8 and 1 < engine["largest_batch"] <= 3  # one job per stream per batch
     jobs, batches = _metric(metrics, "streamd_batch_size_sum"), _metric(metrics, "streamd_batch_size_count")
     assert jobs == engine["jobs"] and batches == engine["batches"] and jobs > batches  # batches of more than one

@@ -401,11 +401,13 @@ class CudaBackend(Backend):
             out[i] = self.log_mel_tensor(audios[i], paddings[i])
         if batch:
             lengths = [len(audios[i]) + paddings[i] for i in batch]
-            stacked = np.zeros((len(batch), max(lengths)), np.float32)
-            for row, i in enumerate(batch):
-                stacked[row, : len(audios[i])] = audios[i]
+            # One host-to-device copy of the samples alone; the zero padding is made on the device.
+            flat = np.concatenate([np.asarray(audios[i], dtype=np.float32).reshape(-1) for i in batch])
+            pieces = torch.from_numpy(flat).to(self.device).split([len(audios[i]) for i in batch])
+            stacked = torch.nn.utils.rnn.pad_sequence(list(pieces), batch_first=True)
+            stacked = F.pad(stacked, (0, max(lengths) - stacked.shape[1]))
             frames = torch.tensor([n // HOP_LENGTH for n in lengths], device=self.device)
-            mels = self._normalise(self._log10_mel(torch.from_numpy(stacked).to(self.device)), frames)
+            mels = self._normalise(self._log10_mel(stacked), frames)
             for row, i in enumerate(batch):
                 out[i] = mels[row, :, : lengths[row] // HOP_LENGTH]
         return [m for m in out if m is not None]
