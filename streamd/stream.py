@@ -78,6 +78,39 @@ class VadChange:
 Event = Partial | Final | VadChange
 
 
+class SampleBuffer:
+    """The window's samples: appends are amortised O(1) and dropping the start is free.
+
+    Re-concatenating the window for every 100 ms frame copied up to 30 s of audio per frame, a
+    tenth of the event loop's time at 64 streams. Samples already handed out as a view are
+    never written again: appends go past them, and growing or compacting takes a new array.
+    """
+
+    def __init__(self, capacity: int = 16000 * 8) -> None:
+        self._store = np.zeros(capacity, np.float32)
+        self._lo = self._hi = 0
+
+    def view(self) -> np.ndarray:
+        return self._store[self._lo : self._hi]
+
+    def __len__(self) -> int:
+        return self._hi - self._lo
+
+    def append(self, samples: np.ndarray) -> None:
+        n = len(samples)
+        if self._hi + n > len(self._store):
+            live = self._hi - self._lo
+            store = np.zeros(max(2 * (live + n), len(self._store)), np.float32)
+            store[:live] = self._store[self._lo : self._hi]
+            self._store, self._lo, self._hi = store, 0, live
+        self._store[self._hi : self._hi + n] = samples
+        self._hi += n
+
+    def drop(self, n: int) -> None:
+        """Forget the first ``n`` samples (all of them when there are fewer)."""
+        self._lo = min(self._lo + n, self._hi)
+
+
 class Stream:
     """The window keeps the audio of the current utterance, committed words included, so that
     every decode sees their context; the committed words inside it are forced as the decoder's
@@ -87,7 +120,7 @@ class Stream:
         self.config = config or StreamConfig()
         self._vad = VadGate(self.config.vad)
         self._policy = LocalAgreement()
-        self._buffer = np.zeros(0, np.float32)
+        self._samples = SampleBuffer()
         self._buffer_start = 0.0  # stream time of _buffer[0]
         self._received = 0  # samples fed in all
         self._decoded_until = 0.0  # stream time covered by the last job
@@ -145,7 +178,7 @@ class Stream:
     def feed(self, samples: np.ndarray) -> list[Event]:
         """Take 16 kHz mono float32 audio; returns VAD changes."""
         samples = np.asarray(samples, dtype=np.float32)
-        self._buffer = np.concatenate([self._buffer, samples])
+        self._samples.append(samples)
         self._received += len(samples)
         events: list[Event] = []
         for region in self._vad.feed(samples):
@@ -270,6 +303,11 @@ class Stream:
         self._decoded_until = job.offset + len(job.audio) / SAMPLE_RATE
         return job
 
+    @property
+    def _buffer(self) -> np.ndarray:
+        """The window's samples, as a view that later feeds and trims leave as it is."""
+        return self._samples.view()
+
     def _prompt(self) -> str:
         return self._prompt_text[-self.config.prompt_chars :]
 
@@ -279,7 +317,7 @@ class Stream:
         cut = round((t - self._buffer_start) * SAMPLE_RATE) // HOP * HOP  # windows start on a mel hop
         if cut <= 0:
             return
-        self._buffer = self._buffer[cut:]
+        self._samples.drop(cut)
         self._buffer_start += cut / SAMPLE_RATE
         gone = [w for w in self._committed if w.end <= self._buffer_start + 0.05]
         if gone:

@@ -114,3 +114,22 @@ def test_an_utterance_that_ends_while_the_previous_one_decodes_is_not_lost(jfk):
     after = stream.next_job()
     assert after is not None and after.final, "the second sentence was dropped"
     assert after.offset <= ends[-1] - 2.0 and after.offset + len(after.audio) / 16000 >= ends[-1] - 0.01
+
+
+def test_sample_buffer_appends_drops_and_never_rewrites_a_view_it_handed_out():
+    from streamd.stream import SampleBuffer
+
+    rng = np.random.default_rng(0)
+    buffer, reference, views = SampleBuffer(capacity=100), np.zeros(0, np.float32), []
+    for step in range(200):
+        chunk = rng.standard_normal(int(rng.integers(0, 80))).astype(np.float32)
+        buffer.append(chunk)
+        reference = np.concatenate([reference, chunk])
+        if step % 7 == 3:
+            n = int(rng.integers(0, len(reference) + 20))  # sometimes more than it holds
+            buffer.drop(n)
+            reference = reference[n:]
+        assert len(buffer) == len(reference) and np.array_equal(buffer.view(), reference)
+        views.append((buffer.view(), reference))
+    for view, expected in views:  # growing and compacting took new arrays: old views are intact
+        assert np.array_equal(view, expected)
