@@ -21,7 +21,7 @@ from .backend import STAGES, Backend
 from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, _initial_tokens, _loop_start, compression_ratio, decode
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
-from .timing import WordTiming, alignment_tokens, find_alignment, merge_punctuations, words_from_scores
+from .timing import WordTiming, alignment_tokens, find_alignment, merge_punctuations, words_from_matrix
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
 
@@ -266,7 +266,7 @@ class Engine:
         """:meth:`continue_window` for many windows (of different streams) at once, on a backend
         that batches (``backend.supports_batching``): one ``encode_batch`` for every window, one
         ``decode_greedy_batch`` for all their decoder steps (each row after its own prompt and
-        forced prefix), one ``alignment_batch`` for their word timings. Row ``i`` gets what
+        forced prefix), one ``alignment_matrix_batch`` for their word timings. Row ``i`` gets what
         ``continue_window`` gives it alone on the same backend, up to floating-point ties: the
         batched decoder works in float32 where decoding's masks and scores are float64, and batch
         shapes round differently (``tests/test_batching.py`` checks equality on dev speech).
@@ -329,12 +329,15 @@ class Engine:
                 continue
             timed.append((row, i, *_timed_tokens(requests[i].prefix, result)))
         if timed:
-            scores = backend.alignment_batch(
-                [features[row] for row, _, _, _ in timed], [alignment_tokens(tok, tokens) for _, _, tokens, _ in timed]
+            matrices = backend.alignment_matrix_batch(
+                [features[row] for row, _, _, _ in timed],
+                [alignment_tokens(tok, tokens) for _, _, tokens, _ in timed],
+                [num_frames[row] for row, _, _, _ in timed],
+                len(tok.sot_sequence()),
             )
             marks.append(time.perf_counter())
-            for (row, i, tokens, probs), qk in zip(timed, scores, strict=True):
-                words = merge_punctuations(words_from_scores(qk, tok, tokens, probs, num_frames[row]))
+            for (_, i, tokens, probs), matrix in zip(timed, matrices, strict=True):
+                words = merge_punctuations(words_from_matrix(matrix, tok, tokens, probs))
                 out[i] = _after_prefix(words, len(requests[i].prefix))
         self._account("decoder", clock)
         marks.append(time.perf_counter())

@@ -19,11 +19,13 @@ from .tokenizer import WhisperTokenizer
 
 __all__ = [
     "WordTiming",
+    "alignment_matrix",
     "alignment_tokens",
     "dtw",
     "find_alignment",
     "median_filter",
     "merge_punctuations",
+    "words_from_matrix",
     "words_from_scores",
 ]
 
@@ -134,6 +136,24 @@ def find_alignment(
     return words_from_scores(qk, tok, text_tokens, token_probs, num_frames, medfilt_width)
 
 
+def alignment_matrix(qk: np.ndarray, num_frames: int, first_row: int, medfilt_width: int = 7) -> np.ndarray:
+    """The DTW cost's negation from the alignment heads' scores ``qk`` ``[heads, tokens, T]``:
+    softmax over the window's real frames, standardised over tokens per head, median filtered
+    along time, averaged over heads; rows ``first_row:-1`` (those that predict each text token and
+    eot), columns of the real audio. (``CudaBackend.alignment_matrix_batch`` computes the same for
+    many windows on the device.)"""
+    n_audio = max(1, min(num_frames // 2, qk.shape[-1]))
+    weights = qk[:, :, :n_audio].astype(np.float32)
+    weights -= weights.max(-1, keepdims=True)
+    np.exp(weights, out=weights)
+    weights /= weights.sum(-1, keepdims=True)
+    mean = weights.mean(-2, keepdims=True)
+    std = weights.std(-2, keepdims=True)
+    weights = (weights - mean) / np.maximum(std, 1e-10)
+    weights = median_filter(weights, medfilt_width)
+    return weights.mean(0)[first_row:-1]
+
+
 def words_from_scores(
     qk: np.ndarray,
     tok: WhisperTokenizer,
@@ -146,21 +166,19 @@ def words_from_scores(
     :func:`alignment_tokens` (a batched backend computes many windows' at once)."""
     if not text_tokens:
         return []
+    first_row = len(tok.sot_sequence())  # the row of <|notimestamps|> predicts the first text token
+    return words_from_matrix(alignment_matrix(qk, num_frames, first_row, medfilt_width), tok, text_tokens, token_probs)
+
+
+def words_from_matrix(
+    matrix: np.ndarray, tok: WhisperTokenizer, text_tokens: list[int], token_probs: list[float]
+) -> list[WordTiming]:
+    """Words and their times from :func:`alignment_matrix` ``[len(text_tokens) + 1, frames]``."""
+    if not text_tokens:
+        return []
     if len(token_probs) != len(text_tokens):
         raise ValueError(f"{len(token_probs)} probabilities for {len(text_tokens)} tokens")
-    sot_seq = [*tok.sot_sequence(), tok.no_timestamps]
-    n_audio = max(1, min(num_frames // 2, qk.shape[-1]))
     token_probs = np.asarray(token_probs)
-
-    weights = qk[:, :, :n_audio].astype(np.float32)
-    weights -= weights.max(-1, keepdims=True)
-    np.exp(weights, out=weights)
-    weights /= weights.sum(-1, keepdims=True)
-    mean = weights.mean(-2, keepdims=True)
-    std = weights.std(-2, keepdims=True)
-    weights = (weights - mean) / np.maximum(std, 1e-10)
-    weights = median_filter(weights, medfilt_width)
-    matrix = weights.mean(0)[len(sot_seq) - 1 : -1]  # rows that predict each text token and eot
     text_idx, time_idx = dtw(-matrix)
 
     words, word_tokens = tok.split_to_word_tokens([*text_tokens, tok.eot])

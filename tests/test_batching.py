@@ -26,9 +26,9 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 torch = pytest.importorskip("torch")
 
-from npu.backends.cuda import CudaBackend, GreedyRules  # noqa: E402
+from npu.backends.cuda import CudaBackend, GreedyRules, TorchFeatures  # noqa: E402
 from npu.engine import Engine, WindowRequest  # noqa: E402
-from npu.timing import alignment_tokens  # noqa: E402
+from npu.timing import alignment_matrix, alignment_tokens  # noqa: E402
 from streamd.audio import load_audio  # noqa: E402
 from streamd.hub import Source  # noqa: E402
 from streamd.policy import TimedWord  # noqa: E402
@@ -138,6 +138,27 @@ def test_batched_alignment_equals_alignment_alone(torch_engine, requests):
         alone = backend.alignment(f, row)
         assert got.shape == alone.shape
         assert float(np.abs(got - alone).max()) < 1e-3
+
+
+def test_device_alignment_matrices_equal_the_host_ones(torch_engine, requests):
+    """The softmax, standardisation and median filter of many windows on the device give what
+    :func:`npu.timing.alignment_matrix` gives each on the host: windows and token rows of
+    different lengths (masked padding), a window too short to filter, and a reflection at each
+    window's own last frame."""
+    backend, tok = torch_engine.backend, torch_engine.tokenizer
+    mels = [backend.log_mel(r.audio, padding=16000)[:, : 2 * (len(r.audio) // 320)] for r in requests[:3]]
+    features = backend.encode_batch(mels)
+    features += [TorchFeatures(features[0].x[:3]), TorchFeatures(features[1].x[:9])]
+    texts = (" And so, my fellow", " Yet these", " Ask not what your country", " Ask", " Ask not")
+    rows = [alignment_tokens(tok, tok.encode(text)) for text in texts]
+    frames = [2 * f.x.shape[0] for f in features]
+    frames[1] -= 40  # fewer real frames than encoder positions: the matrix stops at the audio
+    first = len(tok.sot_sequence())
+    device = backend.alignment_matrix_batch(features, rows, frames, first)
+    for qk, n, got in zip(backend.alignment_batch(features, rows), frames, device, strict=True):
+        expected = alignment_matrix(qk, n, first)
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
 def test_memory_report_bounds_the_decoder_state_per_stream(torch_engine):

@@ -271,3 +271,18 @@ def test_gpu_memory_per_stream_is_bounded(engine, gpu_backend, mels, rules):
     per_stream = (torch.cuda.max_memory_allocated() - base) / n
     print(f"GPU memory per stream at batch {n}: {per_stream / 2**20:.1f} MiB")
     assert per_stream < 32 * 2**20
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_alignment_matrices_equal_the_host_ones(engine, gpu_backend, mels):
+    from npu.timing import alignment_matrix, alignment_tokens
+
+    tok = engine.tokenizer
+    features = gpu_backend.encode_batch(mels)
+    rows = [alignment_tokens(tok, tok.encode(t)) for t in (" And so, my fellow", " Ask", " Ask not what", " Yet")]
+    frames = [2 * f.x.shape[0] - 30 for f in features]
+    first = len(tok.sot_sequence())
+    device = gpu_backend.alignment_matrix_batch(features, rows, frames, first)
+    for qk, n, got in zip(gpu_backend.alignment_batch(features, rows), frames, device, strict=True):
+        np.testing.assert_allclose(got, alignment_matrix(qk, n, first), atol=1e-3)
