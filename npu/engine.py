@@ -281,25 +281,24 @@ class Engine:
         if not rows:
             return out
         clock = started = time.perf_counter()
-        mels, num_frames = [], []
-        missing = [i for i in rows if requests[i].mel is None]  # computed here, in one device launch
-        paddings = [self.window_padding(len(requests[i].audio), requests[i].min_frames) for i in missing]
-        computed = dict(
-            zip(missing, backend.log_mel_batch([requests[i].audio for i in missing], paddings), strict=True)
-        )
-        for i in rows:
-            r = requests[i]
-            mel = computed[i] if r.mel is None else r.mel
-            real = min(len(r.audio) // HOP_LENGTH, N_FRAMES)
-            frames = self._encoder_frames(real, r.min_frames)
-            if mel.shape[-1] < frames:  # (a mel from window_padding always covers them)
-                mel, _, _ = self._cut_window(mel, real, False, r.min_frames)
-            mels.append(mel[:, :frames])
-            num_frames.append(real)
-        if computed:
-            clock = self._account("mel", clock)
-        features = backend.encode_batch(mels)
-        clock = self._account("encoder", clock)
+        num_frames = [min(len(requests[i].audio) // HOP_LENGTH, N_FRAMES) for i in rows]
+        frames = [self._encoder_frames(n, requests[i].min_frames) for n, i in zip(num_frames, rows, strict=True)]
+        if all(requests[i].mel is None for i in rows):  # the live path: mel and encoder on the device
+            audios = [requests[i].audio for i in rows]
+            paddings = [self.window_padding(len(requests[i].audio), requests[i].min_frames) for i in rows]
+            features = backend.encode_audio_batch(audios, paddings, frames)
+        else:
+            mels = []
+            for i, real, n in zip(rows, num_frames, frames, strict=True):
+                r = requests[i]
+                mel = r.mel
+                if mel is None:
+                    mel = backend.log_mel(r.audio, padding=self.window_padding(len(r.audio), r.min_frames))
+                if mel.shape[-1] < n:  # (a mel from window_padding always covers them)
+                    mel, _, _ = self._cut_window(mel, real, False, r.min_frames)
+                mels.append(mel[:, :n])
+            features = backend.encode_batch(mels)
+        clock = self._account("encoder", clock)  # the mel's share cannot be told apart on the device
         marks = [started, clock]
 
         tok = self.tokenizer

@@ -204,6 +204,9 @@ def server_config(values: dict[str, object]) -> ServerConfig:
     )
 
 
+GPU_SWITCH_INTERVAL_S = 0.0005  # the interpreter's thread switch interval next to a batching (GPU) engine
+
+
 def serve_main(args: argparse.Namespace) -> int:
     try:
         values = settings(args)
@@ -224,6 +227,11 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"streamd: {e}", file=sys.stderr)
         return 1
     _limit_torch_threads(int(values["threads"]))
+    if getattr(engine.backend, "supports_batching", False):
+        # Every tensor call of the engine thread releases the GIL; with hundreds of streams the
+        # event loop then holds it for up to the switch interval (5 ms) before the engine gets it
+        # back, thousands of times per batch. A shorter slice bounds that wait.
+        sys.setswitchinterval(GPU_SWITCH_INTERVAL_S)
     try:
         return asyncio.run(_serve(engine, values))
     except PermissionError as e:  # a socket passed in by systemd that the settings do not allow

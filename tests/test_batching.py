@@ -140,6 +140,20 @@ def test_batched_alignment_equals_alignment_alone(torch_engine, requests):
         assert float(np.abs(got - alone).max()) < 1e-3
 
 
+def test_encoding_audio_in_one_pass_equals_mel_then_encode(torch_engine, requests):
+    backend, engine = torch_engine.backend, torch_engine
+    audios = [r.audio for r in requests] + [requests[0].audio[:4000]]
+    frames = [engine._encoder_frames(min(len(a) // 320 * 2, 3000), 500) for a in audios]
+    paddings = [engine.window_padding(len(a), 500) for a in audios]
+    fused = backend.encode_audio_batch(audios, paddings, frames)
+    mels = backend.log_mel_batch(audios, paddings)
+    apart = backend.encode_batch([m[:, :f] for m, f in zip(mels, frames, strict=True)])
+    assert len({f.x.shape[0] for f in fused}) > 1  # windows of different lengths in one call
+    for got, expected in zip(fused, apart, strict=True):
+        assert got.x.shape == expected.x.shape
+        assert float((got.x - expected.x).abs().max()) < 1e-4
+
+
 def test_device_alignment_matrices_equal_the_host_ones(torch_engine, requests):
     """The softmax, standardisation and median filter of many windows on the device give what
     :func:`npu.timing.alignment_matrix` gives each on the host: windows and token rows of

@@ -401,17 +401,22 @@ class CudaBackend(Backend):
         for i in set(range(len(audios))) - set(batch):
             out[i] = self.log_mel_tensor(audios[i], paddings[i])
         if batch:
-            lengths = [len(audios[i]) + paddings[i] for i in batch]
-            # One host-to-device copy of the samples alone; the zero padding is made on the device.
-            flat = np.concatenate([np.asarray(audios[i], dtype=np.float32).reshape(-1) for i in batch])
-            pieces = torch.from_numpy(flat).to(self.device).split([len(audios[i]) for i in batch])
-            stacked = torch.nn.utils.rnn.pad_sequence(list(pieces), batch_first=True)
-            stacked = F.pad(stacked, (0, max(lengths) - stacked.shape[1]))
-            frames = torch.tensor([n // HOP_LENGTH for n in lengths], device=self.device)
-            mels = self._normalise(self._log10_mel(stacked), frames)
+            mels, frames = self._mel_stack([audios[i] for i in batch], [paddings[i] for i in batch])
             for row, i in enumerate(batch):
-                out[i] = mels[row, :, : lengths[row] // HOP_LENGTH]
+                out[i] = mels[row, :, : frames[row]]
         return [m for m in out if m is not None]
+
+    def _mel_stack(self, audios: Sequence[np.ndarray], paddings: Sequence[int]) -> tuple[Tensor, list[int]]:
+        """Normalised log mels ``[B, n_mels, F]`` of windows padded by at least ``N_FFT // 2``
+        samples each, in one STFT, and each row's own frame count (the rest of a row is padding)."""
+        lengths = [len(a) + p for a, p in zip(audios, paddings, strict=True)]
+        # One host-to-device copy of the samples alone; the zero padding is made on the device.
+        flat = np.concatenate([np.asarray(a, dtype=np.float32).reshape(-1) for a in audios])
+        pieces = torch.from_numpy(flat).to(self.device).split([len(a) for a in audios])
+        stacked = torch.nn.utils.rnn.pad_sequence(list(pieces), batch_first=True)
+        stacked = F.pad(stacked, (0, max(lengths) - stacked.shape[1]))
+        frames = [n // HOP_LENGTH for n in lengths]
+        return self._normalise(self._log10_mel(stacked), torch.tensor(frames, device=self.device)), frames
 
     # -- encoder ---------------------------------------------------------------------------
 
@@ -477,6 +482,45 @@ class CudaBackend(Backend):
                 x = self._encoder(batch, frames)
                 for row, i in enumerate(chunk):
                     out[i] = TorchFeatures(x[row, : frames[row] // 2])
+        return [f for f in out if f is not None]
+
+    @torch.inference_mode()
+    def encode_audio_batch(
+        self, audios: Sequence[np.ndarray], paddings: Sequence[int], frames: Sequence[int]
+    ) -> list[TorchFeatures]:
+        """``encode_batch`` of ``log_mel_batch(audios, paddings)``'s row ``i`` cut to ``frames[i]``
+        (even), in a fixed number of launches instead of a few per window.
+
+        At hundreds of streams the per-window tensor calls were the cost: each one releases the
+        GIL, and the event loop (busy with the streams' audio) then holds it for up to the
+        interpreter's switch interval before the engine thread gets it back.
+        """
+        if not audios:
+            return []
+        if min(paddings) < N_FFT // 2 or any(f % 2 or f <= 0 for f in frames):
+            mels = self.log_mel_batch(audios, paddings)
+            return self.encode_batch([m[:, :f] for m, f in zip(mels, frames, strict=True)])
+        mel, available = self._mel_stack(audios, paddings)
+        if any(f > n for f, n in zip(frames, available, strict=True)):
+            raise ValueError("frames beyond a window's audio and padding")
+        limit = 2 * self.dims.n_audio_ctx
+        sizes = [min(limit, math.ceil(f / self.frame_bucket) * self.frame_bucket) for f in frames]
+        sizes = [size + size % 2 for size in sizes]
+        width = max(sizes)
+        mel = F.pad(mel, (0, max(0, width - mel.shape[-1])))[:, :, :width]
+        real = torch.arange(width, device=self.device)[None, :] < torch.tensor(frames, device=self.device)[:, None]
+        mel = mel.masked_fill(~real[:, None, :], 0.0)  # as encode_batch pads: zeros past a window's frames
+        groups: dict[int, list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(size, []).append(i)
+        out: list[TorchFeatures | None] = [None] * len(audios)
+        for size, members in groups.items():
+            for first in range(0, len(members), self.max_encode_batch):
+                chunk = members[first : first + self.max_encode_batch]
+                rows = mel.index_select(0, torch.tensor(chunk, device=self.device))[:, :, :size]
+                x = self._encoder(rows, [frames[i] for i in chunk])
+                for row, i in enumerate(chunk):
+                    out[i] = TorchFeatures(x[row, : frames[i] // 2])
         return [f for f in out if f is not None]
 
     # -- decoder ---------------------------------------------------------------------------
