@@ -167,8 +167,8 @@ class Stream:
         return self._received
 
     def audio_from(self, sample: int) -> np.ndarray:
-        """The window's audio from stream sample ``sample`` on (a copy)."""
-        return self._buffer[max(0, sample - self.buffer_start_sample) :].copy()
+        """The window's audio from stream sample ``sample`` on (a view that later feeds leave alone)."""
+        return self._buffer[max(0, sample - self.buffer_start_sample) :]
 
     @property
     def buffered(self) -> float:
@@ -220,7 +220,7 @@ class Stream:
             return None
         if self.time - self._decoded_until < self.config.update_s and self.buffered < self.config.max_window_s:
             return None
-        return self._start(self._job(self._buffer.copy(), final=False))
+        return self._start(self._job(self._buffer, final=False))  # a view that later feeds leave alone
 
     def on_result(self, job: Job, words: list[TimedWord]) -> list[Event]:
         """Take the words decoded for ``job`` (stream times); returns partials and finals."""
