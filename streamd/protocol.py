@@ -23,6 +23,7 @@ __all__ = [
     "AudioDecoder",
     "AudioFormat",
     "ProtocolError",
+    "Resume",
     "Start",
     "event_message",
     "parse_control",
@@ -35,6 +36,7 @@ ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
 SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+SESSION_ID = re.compile(r"^[0-9a-f]{12}$")  # what Source makes: uuid4().hex[:12]
 
 # Close codes (RFC 6455).
 PROTOCOL_ERROR = 1002
@@ -75,6 +77,16 @@ class Start:
     source: str | None
     audio: AudioFormat
     language: str = "en"
+    resume: Resume | None = None  # the optional session-resume extension
+
+
+@dataclass(frozen=True)
+class Resume:
+    """``"resume": {"session": ..., "seq": N}`` in a start message: continue that session, and
+    send again its finals numbered after ``seq`` (the last message the client saw)."""
+
+    session: str
+    seq: int
 
 
 def _bad_start(message: str, close_code: int = PROTOCOL_ERROR) -> ProtocolError:
@@ -111,7 +123,20 @@ def parse_start(frame: str | bytes, languages: tuple[str, ...] = ("en",)) -> Sta
             "unsupported_language",
             f"language {language!r} is not supported by this model (supported: {', '.join(languages)})",
         )
-    return Start(source, _parse_audio(msg.get("audio", {})), language)
+    return Start(source, _parse_audio(msg.get("audio", {})), language, _parse_resume(msg.get("resume")))
+
+
+def _parse_resume(resume: object) -> Resume | None:
+    if resume is None:
+        return None
+    if not isinstance(resume, dict):
+        raise _bad_start('"resume" must be an object like {"session": "…", "seq": 17}')
+    session, seq = resume.get("session"), resume.get("seq", 0)
+    if not isinstance(session, str) or not SESSION_ID.match(session):
+        raise _bad_start(f'bad resume session {session!r}: the "session" of a ready message')
+    if isinstance(seq, bool) or not isinstance(seq, int) or not 0 <= seq < 2**53:
+        raise _bad_start(f'bad resume seq {seq!r}: the "seq" of the last message received, 0 or more')
+    return Resume(session, seq)
 
 
 def _parse_audio(audio: object) -> AudioFormat:

@@ -265,6 +265,7 @@ class Daemon:
             ],
             "viewers": self.hub.viewer_count,
             "lag_s": round(max(lags, default=0.0), 3),
+            "asyncio_tasks": len(asyncio.all_tasks()),  # a leak check for soak and churn runs
             "engine": {
                 "jobs": stats.jobs,
                 "failures": stats.failures,
