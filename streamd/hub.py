@@ -130,6 +130,15 @@ class Source:
     def ready_message(self) -> Message:
         return Message("ready", json.dumps(self._ready))
 
+    @property
+    def ready_message_resumed(self) -> Message:
+        """The ready message of a resumed session: the same session, and the last ``seq`` sent."""
+        return Message("ready", json.dumps({**self._ready, "resumed": True, "last_seq": self.seq}))
+
+    def finals_after(self, seq: int) -> list[Message]:
+        """The finals numbered after ``seq`` (of the last :attr:`history` kept)."""
+        return [m for m in self._history if json.loads(m.text)["seq"] > seq]
+
     def replay(self, outbox: Outbox) -> None:
         """A viewer joining now: the ready message and the finals so far."""
         outbox.put(self.ready_message)

@@ -5,6 +5,11 @@ A thin shell. Each source's audio goes through :class:`~streamd.protocol.AudioDe
 engine off the event loop; messages go out through each client's bounded
 :class:`~streamd.hub.Outbox`. Ingest waits (and so pushes back on the client) only when a
 stream's window is full, which happens only when the engine cannot keep up.
+
+A websocket client that drops without ``stop`` leaves its session waiting ``resume_s`` seconds:
+its last utterance is finalised at once, and a client that reconnects with the session id and
+the last ``seq`` it saw (the resume extension of protocol v1) gets the finals it missed, then
+goes on feeding the same stream.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from .protocol import (
     AudioDecoder,
     AudioFormat,
     ProtocolError,
+    Start,
     parse_control,
     parse_start,
 )
@@ -73,6 +79,7 @@ class ServerConfig:
     tls_cert: str | None = None
     tls_key: str | None = None
     ping_interval_s: float = 20.0  # keepalive: a peer that does not answer within as long is dropped
+    resume_s: float = 30.0  # a dropped stream client's session waits this long for it to resume (0: never)
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -98,6 +105,8 @@ class Daemon:
         self._server: Server | None = None
         self._tcp: asyncio.Server | None = None
         self._readers: dict[Source, asyncio.Task] = {}  # ingest tasks, cancelled on shutdown
+        self._detached: dict[str, tuple[Source, asyncio.Future]] = {}  # sessions waiting for a resume
+        self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
         self._tasks: set[asyncio.Task] = set()  # file and mic sources
         self._page = self._load_page()
@@ -168,6 +177,8 @@ class Daemon:
             self._tcp.close()
         for task in [*self._readers.values(), *self._tasks]:
             task.cancel()
+        for _, waiter in list(self._detached.values()):
+            waiter.cancel()  # no resumes while stopping: those sessions finalise now
         deadline = time.monotonic() + self.config.shutdown_timeout_s
         while self.hub.sources and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -239,6 +250,7 @@ class Daemon:
     def sources(self) -> list[dict]:
         return [
             {"id": s.id, "kind": s.kind, "session": s.session, "live": True, "time": round(s.stream.time, 2)}
+            | ({"detached": True} if s.session in self._detached else {})
             for s in self.hub.sources.values()
         ]
 
@@ -305,12 +317,16 @@ class Daemon:
             await self._viewer(ws, parse_qs(url.query).get("source", [""])[0])
 
     async def _stream_client(self, ws: ServerConnection) -> None:
-        """``/v1/stream``: a client that sends audio and receives its own transcript."""
+        """``/v1/stream``: a client that sends audio and receives its own transcript, in a new
+        session or, with ``resume`` in its start message, in one whose client dropped."""
         outbox = Outbox(self.config.max_queue)
         sender = self._sender(ws, outbox)
         try:
             start = parse_start(await asyncio.wait_for(ws.recv(), self.config.start_timeout_s))
-            source = self.hub.open(start.source, "websocket")
+            if start.resume is not None:
+                source, waiter = self._take_detached(start)
+            else:
+                source, waiter = self.hub.open(start.source, "websocket"), None
         except TimeoutError:
             err = ProtocolError("bad_start", f"no start message within {self.config.start_timeout_s:g} s", True)
             return await self._refuse(ws, outbox, sender, err, POLICY_VIOLATION)
@@ -321,8 +337,21 @@ class Daemon:
             outbox.close()
             return
         source.owner = outbox
-        outbox.put(source.ready_message)
-        fatal = await self._run_source(source, self._read_websocket(ws, source, start.audio))
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        read = self._read_websocket(ws, source, start.audio)
+        if waiter is None:
+            outbox.put(source.ready_message)
+            session = asyncio.create_task(self._websocket_session(source, read, done))
+            self._sessions.add(session)
+            session.add_done_callback(self._sessions.discard)
+        else:
+            assert start.resume is not None
+            log.info("source %s: session %s resumed after seq %d", source.id, source.session, start.resume.seq)
+            outbox.put(source.ready_message_resumed)
+            for message in source.finals_after(start.resume.seq):
+                outbox.put(message)
+            waiter.set_result((read, done))
+        fatal = await done
         outbox.close()
         await sender
         if fatal is not None:
@@ -330,8 +359,61 @@ class Daemon:
         else:
             await ws.close(GOING_AWAY if self.stopping else NORMAL)
 
-    async def _read_websocket(self, ws: ServerConnection, source: Source, fmt: AudioFormat) -> ProtocolError | None:
+    def _take_detached(self, start: Start) -> tuple[Source, asyncio.Future]:
+        """The detached session ``start`` resumes, no longer waiting; or a fatal error."""
+        assert start.resume is not None
+        entry = self._detached.get(start.resume.session)
+        if entry is None or self.stopping:
+            raise ProtocolError(
+                "unknown_session",
+                f"no session {start.resume.session} is waiting to resume: it ended, or its client was away for more"
+                f" than {self.config.resume_s:g} s",
+                fatal=True,
+                close_code=POLICY_VIOLATION,
+            )
+        source, waiter = entry
+        if start.source is not None and start.source != source.id:
+            raise ProtocolError(
+                "bad_start", f"session {source.session} is source {source.id!r}, not {start.source!r}", True
+            )
+        del self._detached[start.resume.session]
+        return source, waiter
+
+    async def _websocket_session(self, source: Source, read, done: asyncio.Future) -> None:
+        """A websocket source's life across its connections. ``done`` resolves when the current
+        connection's part is over: at once when it dropped (the session then waits for a
+        resume), else once the session is finalised, with the fatal error that ended it, if any."""
+        result = None
+        self.scheduler.add(source)
+        try:
+            while True:
+                result = await self._ingest(source, read)
+                if result is not _DROPPED or self.config.resume_s <= 0 or self.stopping:
+                    break
+                # The client went away without "stop": its last utterance is final now, and the
+                # session waits for it to come back.
+                source.owner = None
+                source.emit(source.stream.finish())
+                self.scheduler.wake()
+                done.set_result(None)
+                waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+                self._detached[source.session] = (source, waiter)
+                await asyncio.wait({waiter}, timeout=self.config.resume_s)
+                self._detached.pop(source.session, None)
+                if not waiter.done() or waiter.cancelled():
+                    log.info("source %s: not resumed within %g s; finalising", source.id, self.config.resume_s)
+                    break
+                read, done = waiter.result()
+        finally:
+            await self._finalise(source)
+            if not done.done():
+                done.set_result(result if isinstance(result, ProtocolError) else None)
+
+    async def _read_websocket(self, ws: ServerConnection, source: Source, fmt: AudioFormat) -> object:
+        """Feed the client's audio to ``source`` until ``stop`` (``None``), a fatal error (that
+        error) or the connection drops (``_DROPPED``)."""
         decoder = AudioDecoder(fmt, self.config.max_frame_bytes)
+        dropped = False
         try:
             async for frame in ws:
                 if isinstance(frame, str):
@@ -350,9 +432,10 @@ class Daemon:
                     self._client_error(source, err)
                 await self._feed(source, samples)
         except ConnectionClosed:
-            log.info("source %s: client went away mid-stream; finalising what it sent", source.id)
+            log.info("source %s: client went away mid-stream", source.id)
+            dropped = True
         await self._feed(source, decoder.flush())
-        return None
+        return _DROPPED if dropped else None
 
     async def _refuse(self, ws, outbox: Outbox, sender: asyncio.Task, err: ProtocolError, code: int) -> None:
         outbox.put(_error(err))
@@ -418,26 +501,38 @@ class Daemon:
         """Run ``read`` (the ingest) until it ends, the client goes or the daemon stops; then
         finalise: the last finals and ``end`` are queued to every receiver before this returns."""
         self.scheduler.add(source)
-        reader = asyncio.ensure_future(read)
-        self._readers[source] = reader
         result = None
         try:
-            await asyncio.wait({reader})
-            if not reader.cancelled():
-                if reader.exception() is not None:
-                    log.error("source %s: ingest failed", source.id, exc_info=reader.exception())
-                    source.publish(ProtocolError("internal_error", f"ingest failed: {reader.exception()}").message())
-                else:
-                    result = reader.result()
+            result = await self._ingest(source, read)
         finally:
-            self._readers.pop(source, None)
-            source.finish()
-            self.scheduler.wake()
-            while not source.stream.idle:
-                await source.wait_progress()
-            self.hub.close(source)
-            self.scheduler.remove(source)
-        return result
+            await self._finalise(source)
+        return result if isinstance(result, ProtocolError) else None
+
+    async def _ingest(self, source: Source, read) -> object:
+        """Run one ingest coroutine to its end (cancelled on shutdown); what it returned."""
+        reader = asyncio.ensure_future(read)
+        self._readers[source] = reader
+        try:
+            await asyncio.wait({reader})
+        finally:
+            if self._readers.get(source) is reader:
+                del self._readers[source]
+        if reader.cancelled():
+            return None
+        if reader.exception() is not None:
+            log.error("source %s: ingest failed", source.id, exc_info=reader.exception())
+            source.publish(ProtocolError("internal_error", f"ingest failed: {reader.exception()}").message())
+            return None
+        return reader.result()
+
+    async def _finalise(self, source: Source) -> None:
+        """The last finals and ``end`` to every receiver; the source id is free again."""
+        source.finish()
+        self.scheduler.wake()
+        while not source.stream.idle:
+            await source.wait_progress()
+        self.hub.close(source)
+        self.scheduler.remove(source)
 
     async def _feed(self, source: Source, samples: np.ndarray) -> None:
         while source.stream.buffered > self.config.max_buffer_s:
@@ -525,6 +620,9 @@ def is_loopback_address(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+_DROPPED = object()  # what a websocket ingest returns when its client went away without "stop"
 
 
 def _error(err: ProtocolError) -> Message:

@@ -54,6 +54,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "max_streams": (int, 16, "audio sources at once"),
     "log_level": (str, "info", "debug, info, warning or error"),
     "ping_interval_s": (float, 20.0, "websocket keepalive ping; a client silent for twice this is dropped"),
+    "resume_s": (float, 30.0, "a dropped stream client may resume its session within this many seconds (0: off)"),
     "token_file": (str, None, "file holding the token clients must send (required off loopback)"),
     "allowed_origins": (str, "", "comma-separated browser origins allowed besides the page's own"),
     "tls_cert": (str, None, "PEM certificate: serve https/wss"),
@@ -141,6 +142,8 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(f"port must be 0..65535, got {values['port']}")
     if float(values["ping_interval_s"]) <= 0:
         raise ConfigError(f"ping_interval_s must be positive, got {values['ping_interval_s']}")
+    if float(values["resume_s"]) < 0:
+        raise ConfigError(f"resume_s must be 0 (off) or more, got {values['resume_s']}")
     if str(values["log_level"]).lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
     if not 0.1 <= float(values["update_s"]) <= 5.0:

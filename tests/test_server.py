@@ -29,7 +29,7 @@ def jfk_audio(jfk) -> np.ndarray:
 
 @pytest.fixture
 async def daemon(engine):
-    d = Daemon(engine, ServerConfig(port=0, start_timeout_s=2.0))
+    d = Daemon(engine, ServerConfig(port=0, start_timeout_s=2.0, resume_s=1.0))
     await d.start()
     yield d
     await d.shutdown()
