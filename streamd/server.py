@@ -277,7 +277,7 @@ class Daemon:
             ],
             "viewers": self.hub.viewer_count,
             "lag_s": round(max(lags, default=0.0), 3),
-            "asyncio_tasks": len(asyncio.all_tasks()),  # a leak check for soak and churn runs
+            "asyncio_tasks": _task_count(),  # a leak check for soak and churn runs
             "engine": {
                 "jobs": stats.jobs,
                 "failures": stats.failures,
@@ -620,6 +620,14 @@ def is_loopback_address(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _task_count() -> int:
+    """The event loop's tasks (none outside one)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return 0
 
 
 _DROPPED = object()  # what a websocket ingest returns when its client went away without "stop"
