@@ -180,6 +180,16 @@ class Source:
         return self._arrivals[0][1] if self._arrivals else self.started
 
     @property
+    def waited(self) -> float:
+        """Seconds this source's next decode has waited, the scheduler's order: since its speech
+        ended when a final is due, else :attr:`lag` (the audio not yet decoded grows no older
+        once a client stops, so a due final is timed from the end of its speech)."""
+        end = self.stream.speech_end
+        if end is not None:
+            return max(0.0, time.time() - self.arrival(end))
+        return self.lag
+
+    @property
     def lag(self) -> float:
         """Seconds between now and the arrival of the audio the last decode ended at."""
         covered = self.stream.time - self.stream.lag

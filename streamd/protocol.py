@@ -35,8 +35,9 @@ SAMPLE_RATE = 16000
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
-SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
-SESSION_ID = re.compile(r"^[0-9a-f]{12}$")  # what Source makes: uuid4().hex[:12]
+# \Z, not $: "$" also matches before a trailing newline, which let "room-1\n" through.
+SOURCE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}\Z")
+SESSION_ID = re.compile(r"^[0-9a-f]{12}\Z")  # what Source makes: uuid4().hex[:12]
 
 # Close codes (RFC 6455).
 PROTOCOL_ERROR = 1002
@@ -104,7 +105,7 @@ def parse_start(frame: str | bytes, languages: tuple[str, ...] = ("en",)) -> Sta
         raise _bad_start('the first frame must be a text {"type": "start", ...} message, not binary audio')
     try:
         msg = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON ("[[[[...") exhausts the recursion limit
         raise _bad_start('the first frame is not JSON: expected {"type": "start", "protocol": 1, ...}') from None
     if not isinstance(msg, dict) or msg.get("type") != "start":
         raise _bad_start(f'the first message must have "type": "start", got {_type_of(msg)}')
@@ -143,7 +144,7 @@ def _parse_audio(audio: object) -> AudioFormat:
     if not isinstance(audio, dict):
         raise _bad_start('"audio" must be an object like {"encoding": "pcm_s16le", "sample_rate": 16000, ...}')
     encoding = audio.get("encoding", "pcm_s16le")
-    if encoding not in ENCODINGS:
+    if not isinstance(encoding, str) or encoding not in ENCODINGS:  # a list or object is unhashable
         raise _unsupported(
             "unsupported_encoding", f"unknown audio encoding {encoding!r}: use one of {', '.join(ENCODINGS)}"
         )
@@ -163,7 +164,7 @@ def parse_control(frame: str) -> str:
     """A text frame after the start: only ``{"type": "stop"}`` is defined. Returns the type."""
     try:
         msg = json.loads(frame)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested JSON ("[[[[...") exhausts the recursion limit
         raise ProtocolError(
             "bad_message", "text frame is not JSON: audio goes in binary frames, control messages are JSON"
         ) from None
@@ -225,11 +226,18 @@ class AudioDecoder:
         samples = np.frombuffer(data[:whole], dtype=self._dtype).astype(np.float32)
         if self._scale != 1.0:
             samples *= np.float32(self._scale)
+        else:
+            # Float PCM: non-finite samples are reported and replaced; finite ones are clipped to the
+            # protocol's [-1, 1] like any PCM path. Huge finite ones (|x| > ~1e19) overflowed the mel's
+            # power spectrum to inf and fed NaN to the engine, and summing channels could overflow.
+            if not np.all(np.isfinite(samples)):
+                samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
+                error = ProtocolError(
+                    "bad_audio", "audio frame holds NaN or infinite samples: replaced by silence/clipped"
+                )
+            np.clip(samples, -1.0, 1.0, out=samples)
         if self.format.channels > 1:
             samples = samples.reshape(-1, self.format.channels).mean(axis=1, dtype=np.float32)
-        if not np.all(np.isfinite(samples)):
-            samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-            error = ProtocolError("bad_audio", "audio frame holds NaN or infinite samples: replaced by silence/clipped")
         return self._resample(samples), error
 
     def flush(self) -> np.ndarray:

@@ -175,7 +175,7 @@ class Scheduler:
         return sum(1 for s in self._sources if not s.stream.busy and (s.stream.final_pending or s.stream.lag > 0.0))
 
     def _pick(self) -> tuple[Source, Job] | None:
-        order = sorted(self._sources, key=lambda s: (not s.stream.final_pending, -s.stream.lag))
+        order = sorted(self._sources, key=_urgency)
         for source in order:
             job = source.stream.next_job()
             if job is not None:
@@ -188,7 +188,7 @@ class Scheduler:
         """Up to ``max_batch`` jobs, most urgent first, one per stream (a stream with a job out
         has none to give)."""
         batch: list[tuple[Source, Job]] = []
-        for source in sorted(self._sources, key=lambda s: (not s.stream.final_pending, -s.stream.lag)):
+        for source in sorted(self._sources, key=_urgency):
             if len(batch) >= self.max_batch:
                 break
             job = source.stream.next_job()
@@ -288,3 +288,9 @@ class Scheduler:
             self.on_job(job, elapsed)
         source.emit(source.stream.on_result(job, words))
         source.progressed()
+
+
+def _urgency(source: Source) -> tuple[bool, float]:
+    """Sort key: due finals first, the longest-waiting first (wall clock, so a stream that stopped
+    is not passed over by newer streams with more audio waiting)."""
+    return (not source.stream.final_pending, -source.waited)

@@ -38,6 +38,7 @@ from websockets.http11 import Request, Response
 from .hub import Hub, Message, Outbox, Source
 from .metrics import Metrics
 from .protocol import (
+    MESSAGE_TOO_BIG,
     POLICY_VIOLATION,
     SOURCE_ID,
     AudioDecoder,
@@ -355,7 +356,7 @@ class Daemon:
         outbox.close()
         await sender
         if fatal is not None:
-            await ws.close(fatal.close_code, str(fatal)[:120])
+            await ws.close(fatal.close_code, _reason(fatal))
         else:
             await ws.close(GOING_AWAY if self.stopping else NORMAL)
 
@@ -431,7 +432,14 @@ class Daemon:
                 if err is not None:
                     self._client_error(source, err)
                 await self._feed(source, samples)
-        except ConnectionClosed:
+        except ConnectionClosed as closed:
+            if closed.sent is not None and closed.sent.code == MESSAGE_TOO_BIG:
+                # websockets refused a frame over its own limit: the client broke the protocol.
+                log.info(
+                    "source %s: a frame over %d bytes; the stream ends", source.id, 2 * self.config.max_frame_bytes
+                )
+                await self._feed(source, decoder.flush())
+                return ProtocolError("frame_too_large", "a frame over the websocket size limit", True, MESSAGE_TOO_BIG)
             log.info("source %s: client went away mid-stream", source.id)
             dropped = True
         await self._feed(source, decoder.flush())
@@ -441,7 +449,7 @@ class Daemon:
         outbox.put(_error(err))
         outbox.close()
         await sender
-        await ws.close(code, str(err)[:120])
+        await ws.close(code, _reason(err))
 
     def _client_error(self, source: Source, err: ProtocolError) -> None:
         self.metrics.errors.labels(err.code).inc()
@@ -620,6 +628,11 @@ def is_loopback_address(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _reason(err: ProtocolError) -> str:
+    """A close reason: at most 123 bytes of UTF-8 (RFC 6455), whole characters."""
+    return str(err).encode("utf-8")[:120].decode("utf-8", "ignore")
 
 
 def _task_count() -> int:

@@ -148,6 +148,11 @@ class Stream:
         return self._speech_end is not None
 
     @property
+    def speech_end(self) -> float | None:
+        """Stream time where the utterance waiting for its final ended (``None``: none waits)."""
+        return self._speech_end
+
+    @property
     def idle(self) -> bool:
         """Nothing is decoding or waiting to be finalised (after :meth:`finish`: all done)."""
         return not self._busy and self._speech_end is None and not self._vad.in_speech
@@ -321,7 +326,8 @@ class Stream:
         self._buffer_start += cut / SAMPLE_RATE
         gone = [w for w in self._committed if w.end <= self._buffer_start + 0.05]
         if gone:
-            self._prompt_text += "".join(w.word for w in gone)
+            # Only the last prompt_chars are ever used: keep no more (a day of speech is a megabyte).
+            self._prompt_text = (self._prompt_text + "".join(w.word for w in gone))[-self.config.prompt_chars :]
             self._committed = self._committed[len(gone) :]
 
 
