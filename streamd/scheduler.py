@@ -227,11 +227,8 @@ class Scheduler:
             words = await loop.run_in_executor(self._executor, self._job, job, mel)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a model failure must not take the other streams down
-            log.exception("decode failed for source %s", source.id)
-            self.stats.failures += 1
-            source.publish(ProtocolError("engine_error", f"decoding failed: {exc}").message())
-            words = []
+        except Exception as exc:
+            words = self._failed(source, exc)
         elapsed = time.perf_counter() - started
         self.stats.busy_s += elapsed
         self._count_batch(1)
@@ -266,11 +263,16 @@ class Scheduler:
             return await asyncio.get_running_loop().run_in_executor(self._executor, self._job, job, mel)
         except asyncio.CancelledError:
             raise
-        except Exception as exc:  # a model failure must not take the other streams down
-            log.exception("decode failed for source %s", source.id)
-            self.stats.failures += 1
-            source.publish(ProtocolError("engine_error", f"decoding failed: {exc}").message())
-            return []
+        except Exception as exc:
+            return self._failed(source, exc)
+
+    def _failed(self, source: Source, exc: Exception) -> list[TimedWord]:
+        """A job that failed: logged, counted, an ``engine_error`` to its stream, no words. A model
+        failure must not take the other streams down."""
+        log.error("decode failed for source %s", source.id, exc_info=exc)
+        self.stats.failures += 1
+        source.publish(ProtocolError("engine_error", f"decoding failed: {exc}").message())
+        return []
 
     def _count_batch(self, size: int) -> None:
         self.stats.batches += 1

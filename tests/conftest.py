@@ -35,3 +35,11 @@ def engine():
 @pytest.fixture(scope="session")
 def jfk() -> Path:
     return CORPUS / "dev_jfk_inaugural_1961.wav"
+
+
+@pytest.fixture(scope="session")
+def jfk_audio(jfk):
+    """The JFK recording, 16 kHz mono float32."""
+    from streamd.audio import load_audio
+
+    return load_audio(jfk)

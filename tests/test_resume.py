@@ -13,15 +13,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from streamd.audio import load_audio
 from streamd.server import Daemon, ServerConfig
 
 from .test_server import finals_text, get_json, pcm16, receive_all, send_audio, start, url, wer
-
-
-@pytest.fixture(scope="module")
-def jfk_audio(jfk) -> np.ndarray:
-    return load_audio(jfk)
 
 
 @pytest.fixture

@@ -14,17 +14,11 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from streamd.audio import load_audio
 from streamd.server import Daemon, ServerConfig, file_chunks
 
 from .conftest import reference
 
 normalise = EnglishTextNormalizer()
-
-
-@pytest.fixture(scope="module")
-def jfk_audio(jfk) -> np.ndarray:
-    return load_audio(jfk)
 
 
 @pytest.fixture
