@@ -625,8 +625,8 @@ class CudaBackend(Backend):
         medfilt_width: int = 7,
     ) -> list[np.ndarray]:
         """:func:`npu.timing.alignment_matrix` of many windows, computed on the device after one
-        :meth:`alignment_batch` pass: only each window's small DTW cost matrix crosses to the host
-        (on the host, the softmax, standardisation and median filter took 0.8 ms per window)."""
+        :meth:`alignment_batch` pass: only each window's small DTW cost matrix crosses to the host,
+        and the host's per-window softmax, standardisation and median filter are gone."""
         if not len(features_list) == len(tokens_list) == len(num_frames):
             raise ValueError("one token row and one frame count per window")
         out: list[np.ndarray] = []
