@@ -116,6 +116,7 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
            "--backend", args.backend, "--max-batch", str(args.max_batch)]  # fmt: skip
     if args.cuda_device:
         cmd += ["--cuda-device", args.cuda_device]
+    cmd += getattr(args, "extra", None) or []
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     for line in proc.stderr:

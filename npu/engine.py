@@ -20,6 +20,7 @@ import numpy as np
 from .backend import STAGES, Backend
 from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, _initial_tokens, _loop_start, compression_ratio, decode
+from .guard import WindowGuard
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
 from .timing import WordTiming, alignment_tokens, find_alignment, merge_punctuations, words_from_matrix
 from .tokenizer import WhisperTokenizer
@@ -70,7 +71,6 @@ class FallbackPolicy:
 
 
 NO_FALLBACK = FallbackPolicy(temperatures=(0.0,))
-STREAM_SILENCE = FallbackPolicy(temperatures=(0.0,), certain_no_speech=None)
 
 
 @dataclass
@@ -104,6 +104,8 @@ class Engine:
         # asynchronous, so "decode" also waits for the mel and encoder work queued before it.
         self.batch_seconds = dict.fromkeys(("launch", "decode", "align", "words"), 0.0)
         self._stage_lock = threading.Lock()
+        self.guard = WindowGuard()  # what the decoder's own scores drop from a streamed window
+        self.guard_dropped: dict[str, int] = {}  # windows dropped, per rule (a metrics figure)
 
     @classmethod
     def load(cls, model: str | Path | None = None, backend: str = "auto", device: str | None = None) -> Engine:
@@ -112,6 +114,14 @@ class Engine:
         weights = load_weights(model)
         tokenizer = WhisperTokenizer(weights.path / "tokenizer.json", weights.dims.n_vocab)
         return cls(weights, create_backend(weights, backend, device=device), tokenizer)
+
+    def _guarded(self, result: DecodingResult) -> bool:
+        """The window guard drops this streamed window (and counts the rule that fired)."""
+        rule = self.guard.check(result)
+        if rule is not None:
+            with self._stage_lock:
+                self.guard_dropped[rule] = self.guard_dropped.get(rule, 0) + 1
+        return rule is not None
 
     def _account(self, stage: str, since: float) -> float:
         now = time.perf_counter()
@@ -253,9 +263,7 @@ class Engine:
         clock = self._account("encoder", clock)
         result = self._decode_at(window, _stream_options(prompt, prefix), 0.0)
         clock = self._account("decoder", clock)
-        # The caller's VAD heard speech: only Whisper's own silence rule applies here (a
-        # near-certain no-speech alone would drop the words of a quiet utterance's end).
-        if STREAM_SILENCE.is_silence(result) or not result.tokens:
+        if not result.tokens or self._guarded(result):
             return []
         tokens, probs = _timed_tokens(prefix, result)
         words = self.word_timings(window, tokens, probs)
@@ -324,7 +332,7 @@ class Engine:
         timed: list[tuple[int, int, list[int], list[float]]] = []  # (row, request, tokens, probs)
         for row, (i, greedy) in enumerate(zip(rows, results, strict=True)):
             result = _greedy_result(tok, greedy, starts[row])
-            if STREAM_SILENCE.is_silence(result) or not result.tokens:
+            if not result.tokens or self._guarded(result):
                 continue
             timed.append((row, i, *_timed_tokens(requests[i].prefix, result)))
         if timed:

@@ -31,7 +31,14 @@ def _build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-word-timestamps", action="store_true", help="skip word alignment (faster)")
     t.add_argument("--no-fallback", action="store_true", help="no temperature fallback on looping or unlikely text")
     t.add_argument("--pad-to-30s", action="store_true", help="encode every window padded to 30 s, as Whisper does")
-    t.add_argument("--vad", action="store_true", help="decode only the speech webrtcvad finds (skips long silences)")
+    t.add_argument(
+        "--no-vad", action="store_true", help="decode the whole file, not only the speech the VAD finds (music, noise)"
+    )
+    t.add_argument("--vad", action="store_true", help=argparse.SUPPRESS)  # the default since the neural VAD
+    t.add_argument(
+        "--speech-detector", default="silero", choices=["silero", "off"], help="VAD second stage (default: silero)"
+    )
+    t.add_argument("--speech-threshold", type=float, default=0.5, metavar="P", help="Silero speech probability")
     t.add_argument("--prompt", metavar="TEXT", help="initial prompt: names, spelling, style to condition on")
     t.add_argument("--no-condition", action="store_true", help="do not feed each window the previous text")
     _add_model_args(t)
@@ -83,6 +90,7 @@ def _transcribe(args: argparse.Namespace) -> int:
 
     from .audio import AudioError, load_audio
     from .formats import render
+    from .vad import VadConfig, plan_windows, speech_regions
 
     if args.beam_size < 1:
         print("streamd: --beam-size must be at least 1", file=sys.stderr)
@@ -98,6 +106,11 @@ def _transcribe(args: argparse.Namespace) -> int:
         initial_prompt=args.prompt,
         condition_on_previous_text=not args.no_condition,
     )
+    try:
+        vad = VadConfig(detector=args.speech_detector, threshold=args.speech_threshold)
+    except ValueError as e:
+        print(f"streamd: {e}", file=sys.stderr)
+        return 2
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,11 +124,7 @@ def _transcribe(args: argparse.Namespace) -> int:
             continue
         started = time.perf_counter()
         progress = _Progress(Path(name).name)
-        spans = None
-        if args.vad:
-            from .vad import plan_windows, speech_regions
-
-            spans = plan_windows(speech_regions(audio))
+        spans = None if args.no_vad else plan_windows(speech_regions(audio, vad))
         try:
             result = transcribe(engine, audio, options, progress=progress, spans=spans)
         finally:

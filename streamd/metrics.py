@@ -7,7 +7,10 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from npu.guard import GUARD_RULES
+
 from .stream import Job
+from .vad import detector_cpu_seconds
 
 if TYPE_CHECKING:
     from .server import Daemon
@@ -60,7 +63,14 @@ class Metrics:
         Gauge("streamd_max_batch", "Most jobs one engine run takes (1: no batching)", registry=r).set_function(
             lambda: daemon.scheduler.max_batch
         )
+        self.vad_rejected = Counter(
+            "streamd_vad_rejected_regions",
+            "Sounds webrtcvad took for speech that the speech detector did not (music, animals, noise)",
+            registry=r,
+        )
         r.register(_StageCollector(daemon))
+        r.register(_DetectorCollector())
+        r.register(_GuardCollector(daemon))
         r.register(_DeviceMemoryCollector(daemon))
         self.errors = Counter("streamd_client_errors", "Protocol errors sent to clients", ["code"], registry=r)
         self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
@@ -92,6 +102,38 @@ class _StageCollector:
         seconds["mel"] = seconds.get("mel", 0.0) + stats.mel_s + stats.window_mel_s  # the mel thread's share
         for stage, value in seconds.items():
             family.add_metric([stage, devices.get(stage, "cpu")], value)
+        yield family
+
+
+class _DetectorCollector:
+    """The neural speech detector's own cost: CPU seconds, and the audio seconds it judged (it
+    sleeps while webrtcvad hears nothing)."""
+
+    def collect(self):
+        spent, judged = detector_cpu_seconds()
+        yield CounterMetricFamily(
+            "streamd_speech_detector_seconds", "CPU time of the neural speech detector (Silero)", value=spent
+        )
+        yield CounterMetricFamily(
+            "streamd_speech_detector_audio_seconds", "Audio the neural speech detector judged", value=judged
+        )
+
+
+class _GuardCollector:
+    """Streamed windows the window guard dropped (the decoder itself rated them no speech), per rule."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self):
+        family = CounterMetricFamily(
+            "streamd_guard_dropped_windows",
+            "Decoded windows dropped because the model rated them no speech, per rule",
+            labels=["rule"],
+        )
+        dropped = dict(self._daemon.engine.guard_dropped)
+        for rule in GUARD_RULES:
+            family.add_metric([rule], dropped.get(rule, 0))
         yield family
 
 

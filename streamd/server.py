@@ -535,7 +535,9 @@ class Daemon:
 
     async def _finalise(self, source: Source) -> None:
         """The last finals and ``end`` to every receiver; the source id is free again."""
+        rejected = source.stream.vad_rejected
         source.finish()
+        self.metrics.vad_rejected.inc(source.stream.vad_rejected - rejected)
         self.scheduler.wake()
         while not source.stream.idle:
             await source.wait_progress()
@@ -545,7 +547,10 @@ class Daemon:
     async def _feed(self, source: Source, samples: np.ndarray) -> None:
         while source.stream.buffered > self.config.max_buffer_s:
             await source.wait_progress()  # the engine is behind: stop reading, push back
+        rejected = source.stream.vad_rejected
         source.feed(samples)
+        if source.stream.vad_rejected > rejected:
+            self.metrics.vad_rejected.inc(source.stream.vad_rejected - rejected)
         self.scheduler.push_audio(source)
         self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / 16000)
         self.scheduler.wake()

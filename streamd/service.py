@@ -44,6 +44,9 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "realtime": (bool, False, "play --file at the pace it was spoken"),
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),
     "vad_aggressiveness": (int, 2, "webrtcvad aggressiveness 0 (lenient) to 3 (strict)"),
+    "speech_detector": (str, "silero", "neural VAD confirming what webrtcvad hears: silero, or off (webrtcvad alone)"),
+    "speech_threshold": (float, 0.5, "Silero probability at which speech starts (higher: stricter)"),
+    "speech_neg_threshold": (float, None, "Silero probability under which speech stops (default: threshold - 0.15)"),
     "update_s": (float, 0.5, "new speech before a window is decoded again (latency vs CPU)"),
     "workers": (int, 1, "engine threads: streams decoded side by side (one per core for many streams)"),
     "threads": (int, 1, "BLAS threads for the engine: 1 costs the least CPU per stream, more cut latency"),
@@ -135,6 +138,10 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {values['backend']!r}")
     if values["vad_aggressiveness"] not in (0, 1, 2, 3):
         raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
+    try:
+        vad_config(values)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for key in ("workers", "threads", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes"):
         if int(values[key]) < 1:
             raise ConfigError(f"{key} must be at least 1, got {values[key]}")
@@ -196,9 +203,18 @@ def check_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def vad_config(values: dict[str, object]) -> VadConfig:
+    """The VAD settings of every source (and of ``streamd transcribe``)."""
+    return VadConfig(
+        aggressiveness=int(values["vad_aggressiveness"]),
+        detector=str(values["speech_detector"]),
+        threshold=float(values["speech_threshold"]),
+        neg_threshold=None if values["speech_neg_threshold"] is None else float(values["speech_neg_threshold"]),
+    )
+
+
 def server_config(values: dict[str, object]) -> ServerConfig:
-    stream = replace(StreamConfig(), update_s=float(values["update_s"]),
-                     vad=VadConfig(aggressiveness=int(values["vad_aggressiveness"])))  # fmt: skip
+    stream = replace(StreamConfig(), update_s=float(values["update_s"]), vad=vad_config(values))
     known = {f.name for f in fields(ServerConfig)} - {"token", "allowed_origins", "stream"}
     token = token_path(values["token_file"]).read_text(encoding="utf-8").strip() if values["token_file"] else None
     origins = tuple(o.strip().rstrip("/") for o in str(values["allowed_origins"] or "").split(",") if o.strip())

@@ -163,6 +163,11 @@ class Stream:
         return self.time - self._decoded_until
 
     @property
+    def vad_rejected(self) -> int:
+        """Sounds webrtcvad took for speech that the speech detector did not (music, animals, taps)."""
+        return self._vad.rejected
+
+    @property
     def buffer_start_sample(self) -> int:
         return round(self._buffer_start * SAMPLE_RATE)
 
@@ -197,7 +202,7 @@ class Stream:
                 events.append(VadChange(False, region.end))
         if not self._vad.in_speech and self._speech_end is None:
             # Silence: keep only what a future region's pre-roll may reach back to.
-            self._trim_to(max(self._buffer_start, self.time - self.config.vad.pre_roll_s - 0.1))
+            self._trim_to(max(self._buffer_start, self.time - self.config.vad.lookback_s - 0.1))
         return events
 
     def finish(self) -> list[Event]:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
+DATA = Path(__file__).resolve().parent / "data"
 
 
 def corpus_files() -> list[Path]:
@@ -43,3 +45,22 @@ def jfk_audio(jfk):
     from streamd.audio import load_audio
 
     return load_audio(jfk)
+
+
+@pytest.fixture(scope="session")
+def music():
+    """8.8 s of acoustic guitar (no voice), 16 kHz mono float32: webrtcvad calls it speech."""
+    from streamd.audio import load_audio
+
+    return load_audio(DATA / "music_acoustic_guitar.flac")
+
+
+@pytest.fixture(scope="session")
+def pink_noise():
+    """10 s of loud pink noise (as ``sox synth pinknoise vol 0.3``), 16 kHz mono float32."""
+    rng = np.random.default_rng(7)
+    n = 16000 * 10
+    spectrum = np.fft.rfft(rng.normal(size=n))
+    spectrum[1:] /= np.sqrt(np.arange(1, len(spectrum)))
+    noise = np.fft.irfft(spectrum, n)
+    return (0.3 * noise / np.abs(noise).max()).astype(np.float32)

@@ -217,3 +217,20 @@ def test_argument_and_model_errors(tmp_path: Path, jfk: Path) -> None:
     errors = result.stderr.splitlines()
     assert len(errors) == 1, result.stderr
     assert errors[0].startswith("streamd: ") and str(model) in errors[0]
+
+
+def test_music_gives_no_text_and_only_speech_is_decoded(jfk, tmp_path):
+    """The same two-stage VAD as the daemon: the guitar is no speech, JFK after it still is."""
+    music = ROOT / "tests" / "data" / "music_acoustic_guitar.flac"
+    guitar, _ = sf.read(music, dtype="float32")
+    speech, _ = sf.read(jfk, dtype="float32")
+    both = tmp_path / "guitar_then_jfk.wav"
+    sf.write(both, np.concatenate([guitar, np.zeros(8000, np.float32), speech]), 16000)
+    run = streamd("--format", "jsonl", music, both)
+    assert run.returncode == 0, run.stderr
+    alone, mixed = (json.loads(line) for line in run.stdout.splitlines())
+    assert alone["text"] == "" and alone["segments"] == []
+    assert squash(mixed["text"]).lower().startswith("and so my fellow americans")
+    assert mixed["segments"][0]["start"] >= len(guitar) / 16000 - 0.5
+    bad = streamd("--speech-threshold", "2", music)
+    assert bad.returncode == 2 and "speech threshold" in bad.stderr

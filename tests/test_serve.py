@@ -26,6 +26,9 @@ def serve(*args: str, **kw) -> subprocess.CompletedProcess:
         ('port = "x"\n', "port must be int"),
         ("colour = 1\n", "unknown key 'colour'"),
         ("vad_aggressiveness = 7\n", "vad_aggressiveness must be 0..3"),
+        ('speech_detector = "webrtc"\n', "speech detector must be one of silero, off"),
+        ("speech_threshold = 1.2\n", "speech threshold must be between 0 and 1"),
+        ("speech_threshold = 0.4\nspeech_neg_threshold = 0.6\n", "neg_threshold must be from 0 to the threshold"),
         ("port = \n", "bad.toml"),
     ],
 )
@@ -77,3 +80,15 @@ async def test_sigterm_flushes_a_file_source_to_its_viewer_and_exits_0():
     assert messages[0]["type"] == "ready" and messages[-1]["type"] == "end"
     text = " ".join(m["text"] for m in messages if m["type"] == "final").lower()
     assert "my fellow" in text, text
+
+
+def test_speech_detector_settings_reach_every_stream():
+    """Flag over STREAMD_* over TOML, as every setting; the stream config gets them."""
+    import argparse
+
+    from streamd.service import server_config, settings
+
+    args = argparse.Namespace(speech_threshold=0.7)
+    values = settings(args, {"STREAMD_SPEECH_THRESHOLD": "0.6", "STREAMD_SPEECH_DETECTOR": "off"})
+    vad = server_config(values).stream.vad
+    assert vad.threshold == 0.7 and vad.detector == "off" and vad.neg_threshold == pytest.approx(0.55)
