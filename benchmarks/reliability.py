@@ -484,6 +484,13 @@ class ChurnResult:
         return self.cycles - self.abrupt
 
     @property
+    def refused(self) -> int:
+        """Cycles a full daemon turned away: their error message, or a cut cycle's missing ready."""
+        return sum("too_many_streams" in f for f in self.failures) + sum(
+            m.get("code") == "too_many_streams" for m in self.error_messages
+        )
+
+    @property
     def leaked_fds(self) -> int:
         return self.after.fds - self.before.fds
 
@@ -495,8 +502,11 @@ class ChurnResult:
 async def run_churn(
     d: DaemonProcess, cycles: int = 500, concurrency: int = 8, abrupt_every: int = 3, seed: int = 0,
     settle_timeout_s: float = 30.0, log: Callable[[str], None] = print, resume_s: float = 0.0,
+    drop_and_go: bool = False,
 ) -> ChurnResult:  # fmt: skip
-    """``resume_s``: how long the daemon keeps a dropped session (a cut cycle's end comes that much later)."""
+    """``resume_s``: how long the daemon keeps a dropped session (a cut cycle's end comes that much
+    later). ``drop_and_go``: a cut client just leaves, as one on flaky Wi-Fi does (no viewer waits
+    for its session's end), so the daemon's detached sessions pile up while new clients come."""
     end_timeout_s = 60.0 + resume_s
     clips = [load_audio(CORPUS / f"{name}.wav") for name in CHURN_FILES]
     check_wav = CORPUS / f"{CHECK_FILE}.wav"
@@ -517,7 +527,9 @@ async def run_churn(
         audio = clips[i % len(clips)]
         async with gate:
             abrupt = i % abrupt_every == 0
-            if abrupt:
+            if abrupt and drop_and_go:
+                outcome = (await cut_mid_frame(d.url, f"churn-{i}", audio, rng), None)
+            elif abrupt:
                 outcome = await abrupt_cycle(d.url, f"churn-{i}", audio, rng, end_timeout_s)
             else:
                 outcome = await stream_audio(d.url, audio, f"churn-{i}", pace_s=None, end_timeout_s=60)
@@ -822,6 +834,8 @@ def churn_rows(c: ChurnResult) -> list[tuple[str, str, str, bool]]:
         ("churn: a session's end after its stop or cut: p50 / p90 / max (information)",
          f"{_p(c.end_waits, 50):.2f} / {_p(c.end_waits, 90):.2f} / {max(c.end_waits, default=float('nan')):.2f} s",
          "-", True),
+        ("churn: clients refused for the stream limit (1013, too_many_streams)", str(c.refused), "0",
+         not c.refused),
         ("churn: error messages", str(len(c.error_messages)), "0", not c.error_messages),
         ("churn: leaked file descriptors", f"{c.leaked_fds:+d} ({c.before.fds} → {c.after.fds})", "0",
          c.leaked_fds <= 0),
@@ -886,14 +900,16 @@ async def main_async(args: argparse.Namespace) -> int:
             print(f"churn daemon: {shlex.join(d.command)} (started in {d.startup_s:.1f} s)", flush=True)
             waits = resume or 0.0
             churn = await run_churn(d, args.cycles, args.concurrency, seed=args.seed,
-                                    settle_timeout_s=args.settle_s + waits, resume_s=waits)  # fmt: skip
+                                    settle_timeout_s=args.settle_s + waits, resume_s=waits,
+                                    drop_and_go=args.drop_and_go)  # fmt: skip
             exit_status = d.stop()
         rows += churn_rows(churn)
         if exit_status != 0:
             rows.append(("churn: daemon exit status on SIGTERM", str(exit_status), "0", False))
         resumed = f"--resume-s {resume:g}" if resume is not None else "the daemon has no --resume-s"
+        dropping = "; cut clients drop and go" if args.drop_and_go else ""
         notes.append(f"churn: baseline {churn.before}, after {churn.after} ({churn.settle_s:.1f} s to settle); "
-                     f"session resume: {resumed}")  # fmt: skip
+                     f"session resume: {resumed}{dropping}")  # fmt: skip
     print()
     print(f"settings: backend {args.backend}, --workers {args.workers}, --threads {args.threads}, "
           f"--update-s {args.update_s:g}" + (f", {' '.join(args.serve_arg)}" if args.serve_arg else ""))  # fmt: skip
@@ -940,6 +956,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=0.0,
         help="churn: the daemon's --resume-s, where it has one (default 0: sessions end on a drop)",
+    )
+    p.add_argument(
+        "--drop-and-go",
+        action="store_true",
+        help="churn: a cut client just leaves (nobody waits for its session's end); with --churn-resume-s 30 "
+        "this is the daemon's default settings under flaky clients",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="cpu", help="the daemon's --backend (default cpu)")

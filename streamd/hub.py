@@ -115,6 +115,7 @@ class Source:
         self.started = time.time()
         self.seq = 0
         self.owner: Outbox | None = None  # the client that sends the audio, if any
+        self.detached = False  # its client dropped: it waits for a resume, or is being finalised
         self._viewers = viewers  # the hub's set for this id: viewers may come and go
         self._history: deque[Message] = deque(maxlen=history)
         self._ready = {"type": "ready", "seq": 0, "protocol": PROTOCOL_VERSION, "session": self.session,
@@ -236,13 +237,14 @@ class Hub:
         return f"{kind}-{self._counter}"
 
     def open(self, source_id: str | None, kind: str) -> Source:
-        """A new session; refused while a source of that id is live or streams are at the limit."""
+        """A new session; refused while a source of that id is live or live streams are at the
+        limit (detached sessions do not count: the server finalises the oldest to make room)."""
         source_id = source_id or self.new_id(kind)
         if source_id in self.sources:
             raise ProtocolError(
                 "source_in_use", f"source {source_id!r} is already streaming", fatal=True, close_code=POLICY_VIOLATION
             )
-        if len(self.sources) >= self.max_streams:
+        if self.live_count >= self.max_streams:
             raise ProtocolError(
                 "too_many_streams",
                 f"the server is at its limit of {self.max_streams} streams",
@@ -256,6 +258,11 @@ class Hub:
         for outbox in viewers:
             outbox.put(source.ready_message)
         return source
+
+    @property
+    def live_count(self) -> int:
+        """Sources with a client (or a file, a mic, a TCP peer) feeding them: not detached ones."""
+        return sum(1 for s in self.sources.values() if not s.detached)
 
     def close(self, source: Source) -> None:
         """The session is over: ``end`` goes to everyone, and the id is free again."""

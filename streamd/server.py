@@ -81,6 +81,7 @@ class ServerConfig:
     tls_key: str | None = None
     ping_interval_s: float = 20.0  # keepalive: a peer that does not answer within as long is dropped
     resume_s: float = 30.0  # a dropped stream client's session waits this long for it to resume (0: never)
+    max_detached: int = 16  # sessions waiting for a resume at once (the oldest is finalised past it)
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -106,7 +107,7 @@ class Daemon:
         self._server: Server | None = None
         self._tcp: asyncio.Server | None = None
         self._readers: dict[Source, asyncio.Task] = {}  # ingest tasks, cancelled on shutdown
-        self._detached: dict[str, tuple[Source, asyncio.Future]] = {}  # sessions waiting for a resume
+        self._detached: dict[str, tuple[Source, asyncio.Future]] = {}  # waiting for a resume, oldest first
         self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
         self._tasks: set[asyncio.Task] = set()  # file and mic sources
@@ -327,7 +328,7 @@ class Daemon:
             if start.resume is not None:
                 source, waiter = self._take_detached(start)
             else:
-                source, waiter = self.hub.open(start.source, "websocket"), None
+                source, waiter = self._open(start.source, "websocket"), None
         except TimeoutError:
             err = ProtocolError("bad_start", f"no start message within {self.config.start_timeout_s:g} s", True)
             return await self._refuse(ws, outbox, sender, err, POLICY_VIOLATION)
@@ -360,6 +361,26 @@ class Daemon:
         else:
             await ws.close(GOING_AWAY if self.stopping else NORMAL)
 
+    def _open(self, source_id: str | None, kind: str) -> Source:
+        """A new live source (or a ``too_many_streams`` error), for which the oldest detached
+        session makes room if the sessions would outnumber ``max_streams``."""
+        source = self.hub.open(source_id, kind)
+        self._make_room()
+        return source
+
+    def _make_room(self) -> None:
+        """Detached sessions never take live capacity: past ``max_detached``, or when live and
+        detached sessions together would exceed ``max_streams``, the oldest is finalised now
+        (its finals already reached its viewers when its client dropped)."""
+        while self._detached and (
+            len(self._detached) > self.config.max_detached
+            or self.hub.live_count + len(self._detached) > self.config.max_streams
+        ):
+            session = next(iter(self._detached))
+            _, waiter = self._detached.pop(session)
+            if not waiter.done():
+                waiter.set_result(None)  # the session's task finalises it
+
     def _take_detached(self, start: Start) -> tuple[Source, asyncio.Future]:
         """The detached session ``start`` resumes, no longer waiting; or a fatal error."""
         assert start.resume is not None
@@ -378,6 +399,7 @@ class Daemon:
                 "bad_start", f"session {source.session} is source {source.id!r}, not {start.source!r}", True
             )
         del self._detached[start.resume.session]
+        source.detached = False
         return source, waiter
 
     async def _websocket_session(self, source: Source, read, done: asyncio.Future) -> None:
@@ -394,15 +416,24 @@ class Daemon:
                 # The client went away without "stop": its last utterance is final now, and the
                 # session waits for it to come back.
                 source.owner = None
+                source.detached = True
                 source.emit(source.stream.finish())
                 self.scheduler.wake()
                 done.set_result(None)
                 waiter: asyncio.Future = asyncio.get_running_loop().create_future()
                 self._detached[source.session] = (source, waiter)
+                self._make_room()
                 await asyncio.wait({waiter}, timeout=self.config.resume_s)
                 self._detached.pop(source.session, None)
-                if not waiter.done() or waiter.cancelled():
-                    log.info("source %s: not resumed within %g s; finalising", source.id, self.config.resume_s)
+                resumed = waiter.done() and not waiter.cancelled() and waiter.result() is not None
+                if not resumed:
+                    if self.stopping:
+                        why = "the daemon is stopping"
+                    elif waiter.done():
+                        why = "its slot went to a new stream (max_streams / max_detached)"
+                    else:
+                        why = f"not resumed within {self.config.resume_s:g} s"
+                    log.info("source %s: detached session finalised: %s", source.id, why)
                     break
                 read, done = waiter.result()
         finally:
@@ -571,7 +602,7 @@ class Daemon:
         sender = asyncio.create_task(deliver())
         outbox.on_overflow = sender.cancel
         try:
-            source = self.hub.open(None, "tcp")
+            source = self._open(None, "tcp")
         except ProtocolError as err:
             outbox.put(_error(err))
             source = None
@@ -595,7 +626,7 @@ class Daemon:
 
     def play(self, source_id: str, kind: str, chunks: AsyncIterator[np.ndarray]) -> asyncio.Task:
         """Run a server-side source (a file, the microphone) until its audio ends."""
-        source = self.hub.open(source_id, kind)
+        source = self._open(source_id, kind)
 
         async def read() -> None:
             async for samples in chunks:

@@ -58,6 +58,7 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "log_level": (str, "info", "debug, info, warning or error"),
     "ping_interval_s": (float, 20.0, "websocket keepalive ping; a client silent for twice this is dropped"),
     "resume_s": (float, 30.0, "a dropped stream client may resume its session within this many seconds (0: off)"),
+    "max_detached": (int, 16, "sessions waiting for a resume at once; they yield their slot to new streams"),
     "token_file": (str, None, "file holding the token clients must send (required off loopback)"),
     "allowed_origins": (str, "", "comma-separated browser origins allowed besides the page's own"),
     "tls_cert": (str, None, "PEM certificate: serve https/wss"),
@@ -142,7 +143,8 @@ def _check(values: dict[str, object]) -> None:
         vad_config(values)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    for key in ("workers", "threads", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes"):
+    for key in ("workers", "threads", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes",
+                "max_detached"):  # fmt: skip
         if int(values[key]) < 1:
             raise ConfigError(f"{key} must be at least 1, got {values[key]}")
     if not 0 <= int(values["port"]) <= 65535:

@@ -1,4 +1,10 @@
-"""Shared fixtures: the real bundled model and the real speech corpus."""
+"""Shared fixtures: the real bundled model and real speech.
+
+The speech the tests need is in the repository (``tests/data/speech``, FLAC, with references and
+licences in ``tests/data/README.md``). Checks over the whole dev corpus use
+``../shared/corpus/dev`` when it is there (CI lays it beside the clone) and skip, saying why,
+when it is not.
+"""
 
 from __future__ import annotations
 
@@ -7,24 +13,37 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 DATA = Path(__file__).resolve().parent / "data"
+SPEECH = DATA / "speech"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
+
+
+def speech_file(name: str) -> Path:
+    """A recording carried by the repository (``dev_jfk_inaugural_1961``, ...)."""
+    path = SPEECH / f"{name}.flac"
+    assert path.exists(), f"{path} is not in the repository's test audio"
+    return path
 
 
 def corpus_files() -> list[Path]:
     return sorted(CORPUS.glob("*.wav"))
 
 
-def reference(wav: Path) -> str:
-    return wav.with_suffix(".txt").read_text(encoding="utf-8")
+def reference(path: Path) -> str:
+    return path.with_suffix(".txt").read_text(encoding="utf-8")
+
+
+def need_corpus() -> list[Path]:
+    """The whole dev corpus, or a skip that says why (a clone without ``../shared``)."""
+    files = corpus_files()
+    if not files:
+        pytest.skip(f"corpus-wide check: the dev corpus is not at {CORPUS} (a clone without ../shared)")
+    return files
 
 
 @pytest.fixture(scope="session")
 def corpus() -> list[Path]:
-    files = corpus_files()
-    if not files:
-        pytest.fail(f"no dev recordings under {CORPUS}: the corpus is part of the test setup")
-    return files
+    return need_corpus()
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +55,19 @@ def engine():
 
 @pytest.fixture(scope="session")
 def jfk() -> Path:
-    return CORPUS / "dev_jfk_inaugural_1961.wav"
+    return speech_file("dev_jfk_inaugural_1961")
+
+
+@pytest.fixture(scope="session")
+def jfk_wav(jfk, tmp_path_factory) -> Path:
+    """The JFK recording as a 16-bit WAV (the repository keeps FLAC), for tests of WAV files."""
+    import soundfile as sf
+
+    samples, rate = sf.read(jfk, dtype="int16")
+    path = tmp_path_factory.mktemp("wav") / "dev_jfk_inaugural_1961.wav"
+    sf.write(path, samples, rate, subtype="PCM_16")
+    path.with_suffix(".txt").write_text(reference(jfk), encoding="utf-8")
+    return path
 
 
 @pytest.fixture(scope="session")

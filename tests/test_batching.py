@@ -37,7 +37,7 @@ from streamd.server import Daemon, ServerConfig  # noqa: E402
 from streamd.service import ConfigError, add_serve_args, settings  # noqa: E402
 from streamd.stream import Job  # noqa: E402
 
-from .conftest import CORPUS, reference  # noqa: E402
+from .conftest import reference, speech_file  # noqa: E402
 
 normalise = EnglishTextNormalizer()
 
@@ -57,7 +57,7 @@ def torch_engine(engine) -> Engine:
 
 
 def _audio(name: str) -> np.ndarray:
-    return load_audio(CORPUS / f"{name}.wav")
+    return load_audio(speech_file(name))
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +67,7 @@ def requests(engine) -> list[WindowRequest]:
     guard cuts them), one near the 30 s limit, one too short to decode."""
     tok = engine.tokenizer
     jfk = _audio("dev_jfk_inaugural_1961")
-    said_twice = [
-        np.concatenate([a, a]) for a in map(_audio, ["dev_vctk_p287_001_clean", "dev_pocketsphinx_cards_002"])
-    ]
+    said_twice = [np.concatenate([a, a]) for a in map(_audio, ["dev_vctk_p287_001_clean", "dev_vctk_p287_002_clean"])]
     return [
         WindowRequest(jfk[: 16000 * 8], [], tok.encode(" And so, my fellow Americans"), 500),
         WindowRequest(_audio("dev_librispeech_1221-135766-0002"), tok.encode(" Ask not."), [], 500),
@@ -77,9 +75,7 @@ def requests(engine) -> list[WindowRequest]:
         WindowRequest(said_twice[0], [], [], 500),
         WindowRequest(_audio("dev_vctk_p287_003_clean")[: 16000 * 3], [], [], 500),
         WindowRequest(said_twice[1], [], [], 300),
-        WindowRequest(
-            _audio("dev_librivox_shakespeare_sonnets_1-3_longform")[: 16000 * 28], tok.encode(" Sonnets."), []
-        ),
+        WindowRequest(_audio("librivox_shakespeare_sonnets_first30s")[: 16000 * 28], tok.encode(" Sonnets."), []),
         WindowRequest(_audio("dev_librispeech_1221-135766-0001"), [], [], 500),
         WindowRequest(_audio("dev_librivox_sense_sensibility_0870"), [], [], 500),
         WindowRequest(_audio("dev_vctk_p287_004_noisy"), [], [], 500),
@@ -312,7 +308,7 @@ async def test_a_daemon_on_the_cuda_backend_batches_live_streams_and_reports_mem
         assert not [m for m in messages if m["type"] == "error"], name
         finals = [m for m in messages if m["type"] == "final"]
         text = " ".join(m["text"] for m in finals)
-        error = jiwer.wer(normalise(reference(CORPUS / f"{name}.wav")), normalise(text))
+        error = jiwer.wer(normalise(reference(speech_file(name))), normalise(text))
         assert error <= 0.2, (name, error, text)
         for f in finals:
             assert "".join(w["word"] for w in f["words"]).strip() == f["text"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import CORPUS
+from .conftest import speech_file
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="the captions page test needs `pip install playwright` (no browser download)"
@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "streamd" / "web" / "index.html"
-WAV = CORPUS / "dev_jfk_inaugural_1961.wav"
+WAV = speech_file("dev_jfk_inaugural_1961")
 SOURCE = WAV.stem
 
 # What the page shows, read in one go: state, sessions with their finals, the partial, scrolling.

@@ -19,7 +19,7 @@ from npu.engine import Engine  # noqa: E402
 from npu.transcribe import TranscribeOptions, transcribe  # noqa: E402
 from streamd.audio import load_audio  # noqa: E402
 
-from .conftest import CORPUS, corpus_files  # noqa: E402
+from .conftest import need_corpus, speech_file  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (torch.cuda.is_available() is false)")
@@ -28,7 +28,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device (torch.cuda
 FAST_FILES = [
     "dev_jfk_inaugural_1961",
     "dev_librispeech_1221-135766-0002",
-    "dev_pocketsphinx_cards_002",
+    "dev_vctk_p287_002_clean",
     "dev_vctk_p287_003_clean",
 ]
 
@@ -157,12 +157,12 @@ def _same_tokens(engine, torch_engine, files) -> list[str]:
 
 
 def test_greedy_transcripts_match_numpy_on_short_files(engine, torch_engine):
-    assert _same_tokens(engine, torch_engine, [CORPUS / f"{name}.wav" for name in FAST_FILES]) == []
+    assert _same_tokens(engine, torch_engine, [speech_file(name) for name in FAST_FILES]) == []
 
 
 @pytest.mark.slow
 def test_greedy_transcripts_match_numpy_on_90_percent_of_the_corpus(engine, torch_engine):
-    files = corpus_files()
+    files = need_corpus()
     differ = _same_tokens(engine, torch_engine, files)
     assert len(differ) <= 0.1 * len(files), differ
 

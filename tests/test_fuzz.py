@@ -57,7 +57,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from streamd.audio import load_audio
 from streamd.protocol import AudioDecoder, AudioFormat, ProtocolError, Resume, Start, parse_control, parse_start
 
-from .conftest import CORPUS, reference
+from .conftest import reference, speech_file
 
 # --- profiles -------------------------------------------------------------------------------------
 
@@ -416,7 +416,7 @@ def audio_frame(draw, big: tuple[int, ...] = ()) -> Frame:
 
 @functools.cache
 def speech_pcm16() -> bytes:
-    return pcm16(load_audio(CORPUS / "dev_jfk_inaugural_1961.wav"))
+    return pcm16(load_audio(speech_file("dev_jfk_inaugural_1961")))
 
 
 @st.composite

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import librosa
 import numpy as np
 import pytest
@@ -11,17 +9,18 @@ import soundfile as sf
 
 from npu.mel import N_SAMPLES, log_mel, mel_filters
 
-CORPUS = Path("/work/shared/corpus/dev")
+from .conftest import speech_file
+
 RECORDINGS = [
-    "dev_librispeech_1089-134686-0001.wav",
-    "dev_vctk_p287_004_noisy.wav",
-    "dev_pocketsphinx_cards_002.wav",
-    "dev_librivox_sense_sensibility_0880.wav",
+    "dev_librispeech_1089-134686-0001",
+    "dev_vctk_p287_004_noisy",
+    "dev_vctk_p287_002_clean",
+    "dev_librivox_sense_sensibility_0880",
 ]
 
 
 def load(name: str) -> np.ndarray:
-    audio, rate = sf.read(str(CORPUS / name), dtype="float32")
+    audio, rate = sf.read(str(speech_file(name)), dtype="float32")
     assert rate == 16000 and audio.ndim == 1
     return audio
 

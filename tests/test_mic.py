@@ -34,9 +34,10 @@ from scipy.signal import correlate
 from streamd import mic
 from streamd.mic import MicError, capture, list_input_devices
 
+from .conftest import speech_file
+
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "corpus" / "dev"
-JFK = CORPUS / "dev_jfk_inaugural_1961.wav"
+JFK = speech_file("dev_jfk_inaugural_1961")
 SINK = "streamd_test"
 
 

@@ -124,7 +124,14 @@ MEL_W = RNG.random((201, 80)).astype(np.float32)
 def mel_log_c(spec, logmel, f):
     s = spec[: f * 402].reshape(f, 402).astype(np.float32)
     power = s[:, 0::2] ** 2 + s[:, 1::2] ** 2
-    logmel[: f * 80] = np.log10(np.maximum(power @ MEL_W, 1e-10)).reshape(-1)
+    # The band sums in one fixed order for every row, as the kernel's are. Not ``power @ MEL_W``:
+    # a float32 BLAS product is not row-local (OpenBLAS blocks and vectorises by the number of
+    # rows, so a row rounds differently in a block of 20 than among 300: 8,875 of 24,000 values
+    # moved by an ulp), and a tiled replay then differs from the whole kernel on every run.
+    bands = np.zeros((f, 80), np.float32)
+    for b in range(power.shape[1]):
+        bands += power[:, b : b + 1] * MEL_W[b]
+    logmel[: f * 80] = np.log10(np.maximum(bands, 1e-10)).reshape(-1)
 
 
 def _whole(kernel, shapes_out, *args):

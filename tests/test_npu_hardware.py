@@ -13,7 +13,7 @@ from npu.backends.golden import GoldenBackend
 from npu.engine import Engine
 from npu.transcribe import transcribe
 
-from .conftest import CORPUS
+from .conftest import speech_file
 
 pytestmark = pytest.mark.npu
 
@@ -31,7 +31,7 @@ def npu_backend(engine):
 def test_npu_mel_and_encoder_against_the_golden_model(npu_backend, engine):
     """The AIE2 vector paths are meant to follow the golden numerics exactly; if the hardware's
     float units round differently this shows by how much (see kernels/README.md)."""
-    audio, _ = sf.read(CORPUS / "dev_jfk_inaugural_1961.wav", dtype="float32")
+    audio, _ = sf.read(speech_file("dev_jfk_inaugural_1961"), dtype="float32")
     golden = GoldenBackend(engine.weights)
     mel = npu_backend.log_mel(audio)
     want_mel = golden.log_mel(audio)
@@ -44,7 +44,7 @@ def test_npu_mel_and_encoder_against_the_golden_model(npu_backend, engine):
 
 
 def test_npu_transcript_matches_the_golden_text(npu_backend, engine):
-    audio, _ = sf.read(CORPUS / "dev_librivox_sense_sensibility_0870.wav", dtype="float32")
+    audio, _ = sf.read(speech_file("dev_librivox_sense_sensibility_0870"), dtype="float32")
     got = transcribe(Engine(engine.weights, npu_backend, engine.tokenizer), audio).text
     want = transcribe(Engine(engine.weights, GoldenBackend(engine.weights), engine.tokenizer), audio).text
     assert got == want

@@ -31,7 +31,7 @@ from streamd.hub import Source
 from streamd.scheduler import Scheduler
 from streamd.server import Daemon, ServerConfig
 
-from .conftest import CORPUS, reference
+from .conftest import reference, speech_file
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("reliability", ROOT / "benchmarks" / "reliability.py")
@@ -40,8 +40,8 @@ rel = importlib.util.module_from_spec(_spec)
 sys.modules["reliability"] = rel
 _spec.loader.exec_module(rel)
 
-JFK = CORPUS / "dev_jfk_inaugural_1961.wav"
-LONG = CORPUS / "dev_librispeech_1221-135766-0001.wav"  # 16.7 s
+JFK = speech_file("dev_jfk_inaugural_1961")
+LONG = speech_file("dev_librispeech_1221-135766-0001")  # 16.7 s
 
 
 def serve_options(resume_s: float | None = 0.0, *extra: str) -> list[str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ async def test_a_resume_must_name_its_own_source_and_a_stopped_session_cannot_re
         assert json.loads(await again.recv())["code"] == "unknown_session"
 
 
-async def test_shutdown_finalises_a_session_waiting_for_its_client(daemon):
+async def test_shutdown_finalises_a_session_waiting_for_its_client(daemon, caplog):
+    caplog.set_level(logging.INFO, logger="streamd")
     async with connect(url(daemon, "/v1/captions?source=left")) as viewer:
         ws = await connect(url(daemon, "/v1/stream"))
         await ws.send(start("left"))
@@ -145,3 +147,47 @@ async def test_shutdown_finalises_a_session_waiting_for_its_client(daemon):
         await asyncio.wait_for(daemon.shutdown(), 10)  # not the 20 s the session would wait
         messages = await receive_all(viewer)
     assert messages[-1]["type"] == "end"
+    assert "detached session finalised: the daemon is stopping" in caplog.text
+    assert "not resumed within" not in caplog.text
+
+
+async def test_detached_sessions_never_lock_out_new_streams(engine, jfk_audio, caplog):
+    """Every slot taken by a client that dropped: a new stream still gets in, and the oldest
+    detached session is finalised for it (its viewer gets its end); the log says why."""
+    caplog.set_level(logging.INFO, logger="streamd")
+    d = Daemon(engine, ServerConfig(port=0, start_timeout_s=2.0, resume_s=30.0, max_streams=3, max_detached=2))
+    await d.start()
+    try:
+        async with connect(url(d, "/v1/captions?source=drop-0")) as viewer:
+            for i in range(4):  # the fourth drop is past max_detached: drop-0 yields at once
+                ws = await connect(url(d, "/v1/stream"))
+                await ws.send(start(f"drop-{i}"))
+                await ws.recv()
+                await ws.send(pcm16(jfk_audio[:8000]))
+                ws.transport.abort()
+                for _ in range(50):
+                    if f"drop-{i}" in {s.id for s, _ in d._detached.values()}:
+                        break
+                    await asyncio.sleep(0.05)
+            assert [s.id for s, _ in d._detached.values()] == ["drop-2", "drop-3"]
+            ended = [json.loads(m) for m in [await asyncio.wait_for(viewer.recv(), 10) for _ in range(2)]]
+            assert ended[-1]["type"] == "end", ended
+            # Two waiting, none live, three slots: three new streams get in; the second and the
+            # third each take the slot of the oldest session still waiting.
+            clients, waiting = [], []
+            for i in range(3):
+                ws = await connect(url(d, "/v1/stream"))
+                await ws.send(start(f"new-{i}"))
+                assert json.loads(await ws.recv())["type"] == "ready"
+                clients.append(ws)
+                waiting.append([s.id for s, _ in d._detached.values()])
+            assert waiting == [["drop-2", "drop-3"], ["drop-3"], []]
+            async with connect(url(d, "/v1/stream")) as refused:  # live streams at max_streams: 1013
+                await refused.send(start("one-too-many"))
+                assert json.loads(await refused.recv())["code"] == "too_many_streams"
+            for ws in clients:
+                await ws.send(json.dumps({"type": "stop"}))
+                assert (await receive_all(ws))[-1]["type"] == "end"
+    finally:
+        await d.shutdown()
+    assert "detached session finalised: its slot went to a new stream" in caplog.text

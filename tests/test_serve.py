@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import CORPUS
+from .conftest import speech_file
 
 
 def serve(*args: str, **kw) -> subprocess.CompletedProcess:
@@ -49,7 +49,7 @@ def test_the_command_line_wins_over_the_config_file(tmp_path):
 
 
 async def test_sigterm_flushes_a_file_source_to_its_viewer_and_exits_0():
-    wav = CORPUS / "dev_jfk_inaugural_1961.wav"
+    wav = speech_file("dev_jfk_inaugural_1961")
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "streamd", "serve", "--port", "0", "--file", str(wav), "--realtime",
         stderr=asyncio.subprocess.PIPE,

@@ -16,7 +16,9 @@ from safetensors.numpy import save_file
 
 from npu.weights import ModelError, WhisperWeights, default_model_path, load_weights
 
-JFK = Path("/work/shared/corpus/dev/dev_jfk_inaugural_1961.wav")
+from .conftest import speech_file
+
+JFK = speech_file("dev_jfk_inaugural_1961")
 
 # ---------------------------------------------------------------------------------------------
 # Helpers

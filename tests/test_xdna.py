@@ -28,7 +28,7 @@ from npu.engine import Engine
 from npu.transcribe import TranscribeOptions, transcribe
 from npu.xdna.artifacts import Artifacts, ArtifactsError, Call, Operand, decode_synthetic, encode_synthetic
 
-from .conftest import CORPUS, reference
+from .conftest import reference, speech_file
 
 FAKE = Path(__file__).parent / "fake_pyxrt"
 SOT = [50257, 50362]
@@ -79,7 +79,7 @@ def xdna(weights, artifacts, fake_pyxrt):
 
 @pytest.fixture(scope="module")
 def speech() -> np.ndarray:
-    audio, _ = sf.read(CORPUS / "dev_librispeech_1089-134686-0001.wav", dtype="float32")
+    audio, _ = sf.read(speech_file("dev_librispeech_1089-134686-0001"), dtype="float32")
     return audio
 
 
@@ -220,7 +220,7 @@ def xdna_engine(engine, artifacts, pyxrt, monkeypatch):
 
 
 def test_a_recording_through_xdna_gives_the_golden_text(xdna_engine, engine, golden):
-    audio, _ = sf.read(CORPUS / "dev_librivox_sense_sensibility_0870.wav", dtype="float32")
+    audio, _ = sf.read(speech_file("dev_librivox_sense_sensibility_0870"), dtype="float32")
     golden_engine = Engine(engine.weights, golden, engine.tokenizer)
     started = time.perf_counter()
     got = transcribe(xdna_engine, audio)
@@ -235,7 +235,7 @@ def test_a_recording_through_xdna_gives_the_golden_text(xdna_engine, engine, gol
 
 
 def test_a_failing_npu_stage_moves_to_the_cpu_without_losing_text(xdna_engine, pyxrt, engine):
-    wav = CORPUS / "dev_librispeech_1089-134686-0001.wav"
+    wav = speech_file("dev_librispeech_1089-134686-0001")
     audio, _ = sf.read(wav, dtype="float32")
     options = TranscribeOptions(word_timestamps=False)
     pyxrt.fail_after(2500)  # fails mid-way through the decoder
@@ -280,7 +280,7 @@ def test_default_placement_decodes_the_npu_encoder_output_on_the_cpu(engine, art
 
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
     backend = create_backend(engine.weights, "xdna")
-    audio, _ = sf.read(CORPUS / "dev_librispeech_1221-135766-0002.wav", dtype="float32")
+    audio, _ = sf.read(speech_file("dev_librispeech_1221-135766-0002"), dtype="float32")
     mel = golden.log_mel(audio)[:, :300]
     features = backend.encode(mel)
     session = backend.decoder(features)
@@ -297,7 +297,7 @@ async def test_the_daemon_on_xdna_names_its_devices_and_falls_back_without_losin
     so, and the transcript is whole."""
     from websockets.asyncio.client import connect
 
-    wav = CORPUS / "dev_jfk_inaugural_1961.wav"
+    wav = speech_file("dev_jfk_inaugural_1961")
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(FAKE), *filter(None, [os.environ.get("PYTHONPATH")])]),
