@@ -23,11 +23,13 @@ import numpy as np
 from npu.mel import StreamingMel
 
 from .protocol import POLICY_VIOLATION, PROTOCOL_VERSION, TRY_AGAIN_LATER, ProtocolError, event_message
+from .store import TranscriptStore
 from .stream import Event, Final, Partial, Stream, StreamConfig
 
 __all__ = ["Hub", "Outbox", "Source"]
 
 DROPPABLE = ("partial", "vad")
+VIEWER_HISTORY_S = 4 * 3600.0  # a viewer gets the earlier sessions of this long (a meeting); downloads get all
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Outbox:
         self._queue: deque[Message] = deque()
         self._wakeup = asyncio.Event()
         self._closed = False
+        self._backlog = 0  # history queued ahead of live messages, not counted against the limit
         self.overflowed = False
         self.dropped = 0
         self.on_overflow: Callable[[], object] | None = None  # e.g. interrupt a send blocked on the socket
@@ -64,15 +67,25 @@ class Outbox:
             self.dropped += len(self._queue) - len(kept)
             self._queue = kept
         self._queue.append(message)
-        if len(self._queue) > self.limit:
+        if len(self._queue) - self._backlog > self.limit:
             kept = deque(m for m in self._queue if m.type not in DROPPABLE)
             self.dropped += len(self._queue) - len(kept)
             self._queue = kept
-            if len(self._queue) > self.limit:
+            if len(self._queue) - self._backlog > self.limit:
                 self.overflowed = True
                 self._queue.clear()
                 if self.on_overflow is not None:
                     self.on_overflow()
+        self._wakeup.set()
+
+    def put_backlog(self, messages: list[Message]) -> None:
+        """Messages from before this client came (a viewer's history, the finals a resuming
+        client missed): queued ahead of live ones and not counted against the limit, which
+        bounds what a client falls behind on, not the length of a meeting."""
+        if self._closed or self.overflowed or not messages:
+            return
+        self._queue.extend(messages)
+        self._backlog += len(messages)
         self._wakeup.set()
 
     def close(self) -> None:
@@ -86,6 +99,7 @@ class Outbox:
             if self.overflowed:
                 return None
             if self._queue:
+                self._backlog = max(0, self._backlog - 1)
                 return self._queue.popleft()
             if self._closed:
                 return None
@@ -112,7 +126,8 @@ class Source:
         self.stream = Stream(config)
         self.mel = StreamingMel()  # the stream's mel, computed as audio arrives (pipeline's first stage)
         self.mel_sent = 0  # stream samples handed to ``mel`` so far
-        self.started = time.time()
+        self.started = time.time()  # wall clock: shown to people, and the store's session order
+        self._opened = time.monotonic()  # latencies and urgency: a clock that never steps
         self.seq = 0
         self.owner: Outbox | None = None  # the client that sends the audio, if any
         self.detached = False  # its client dropped: it waits for a resume, or is being finalised
@@ -121,8 +136,9 @@ class Source:
         self._ready = {"type": "ready", "seq": 0, "protocol": PROTOCOL_VERSION, "session": self.session,
                        "source": source_id, **ready}  # fmt: skip
         self._progress = asyncio.Event()
-        self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (stream time, wall clock)
+        self._arrivals: deque[tuple[float, float]] = deque(maxlen=4096)  # (stream time, monotonic clock)
         self._on_final = on_final
+        self.store: TranscriptStore | None = None  # where its finals are kept across restarts
         self.finished = False
         self.ended = False
         self.finals = 0
@@ -142,9 +158,7 @@ class Source:
 
     def replay(self, outbox: Outbox) -> None:
         """A viewer joining now: the ready message and the finals so far."""
-        outbox.put(self.ready_message)
-        for message in self._history:
-            outbox.put(message)
+        outbox.put_backlog([self.ready_message, *self._history])
 
     def publish(self, message: dict, viewers: bool = True) -> None:
         """Number ``message`` and queue it for the owner and (unless ``viewers`` is false) the viewers."""
@@ -152,6 +166,8 @@ class Source:
         msg = Message(message["type"], json.dumps({"type": message["type"], "seq": self.seq, **message}))
         if msg.type == "final":
             self._history.append(msg)
+            if self.store is not None:
+                self.store.add_final(self.session, self.seq, msg.text)
         if self.owner is not None:
             self.owner.put(msg)
         if viewers:
@@ -163,7 +179,7 @@ class Source:
         self.publish(error.message(), viewers=False)
 
     def emit(self, events: list[Event]) -> None:
-        now = time.time()
+        now = time.monotonic()
         for event in events:
             if isinstance(event, Final):
                 self.finals += 1
@@ -174,11 +190,12 @@ class Source:
             self.publish(event_message(event))
 
     def arrival(self, t: float) -> float:
-        """Wall-clock time at which stream time ``t`` was received."""
-        for stream_t, wall in reversed(self._arrivals):
+        """When stream time ``t`` was received, on the monotonic clock (an NTP step of the wall
+        clock must not make a final look late, or a stream look urgent)."""
+        for stream_t, at in reversed(self._arrivals):
             if stream_t <= t:
-                return wall
-        return self._arrivals[0][1] if self._arrivals else self.started
+                return at
+        return self._arrivals[0][1] if self._arrivals else self._opened
 
     @property
     def waited(self) -> float:
@@ -187,19 +204,19 @@ class Source:
         once a client stops, so a due final is timed from the end of its speech)."""
         end = self.stream.speech_end
         if end is not None:
-            return max(0.0, time.time() - self.arrival(end))
+            return max(0.0, time.monotonic() - self.arrival(end))
         return self.lag
 
     @property
     def lag(self) -> float:
         """Seconds between now and the arrival of the audio the last decode ended at."""
         covered = self.stream.time - self.stream.lag
-        return max(0.0, time.time() - self.arrival(covered)) if self.stream.lag > 0 else 0.0
+        return max(0.0, time.monotonic() - self.arrival(covered)) if self.stream.lag > 0 else 0.0
 
     def feed(self, samples: np.ndarray) -> None:
         if len(samples):
             self.emit(self.stream.feed(samples))
-            self._arrivals.append((self.stream.time, time.time()))
+            self._arrivals.append((self.stream.time, time.monotonic()))
 
     def progressed(self) -> None:
         """A decode of this source finished (the scheduler calls this)."""
@@ -222,11 +239,16 @@ class Hub:
     """Live sources by id, and the viewers of each id (which outlive sessions)."""
 
     def __init__(
-        self, ready: dict | Callable[[], dict], config: StreamConfig | None = None, max_streams: int = 16
+        self,
+        ready: dict | Callable[[], dict],
+        config: StreamConfig | None = None,
+        max_streams: int = 16,
+        store: TranscriptStore | None = None,
     ) -> None:
         self._ready = ready  # or a function: the devices can change (an accelerator stage falls back)
         self.config = config
         self.max_streams = max_streams
+        self.store = store
         self.sources: dict[str, Source] = {}
         self._viewers: dict[str, set[Outbox]] = {}
         self._counter = 0
@@ -254,6 +276,9 @@ class Hub:
         viewers = self._viewers.setdefault(source_id, set())
         ready = self._ready() if callable(self._ready) else self._ready
         source = Source(source_id, kind, ready, viewers, self.config, on_final=self.on_final)
+        if self.store is not None:
+            source.store = self.store
+            self.store.add_session(source_id, source.session, source.started, source.ready_message.text)
         self.sources[source_id] = source
         for outbox in viewers:
             outbox.put(source.ready_message)
@@ -269,13 +294,25 @@ class Hub:
         if not source.ended:
             source.ended = True
             source.publish({"type": "end"})
+            if self.store is not None:
+                self.store.end_session(source.session)
         if self.sources.get(source.id) is source:
             del self.sources[source.id]
 
     def watch(self, source_id: str, outbox: Outbox) -> None:
+        """A viewer of ``source_id``: the source's recent earlier sessions (from the store, each
+        as its ready, finals and end), then the live session's ready and finals so far."""
         self._viewers.setdefault(source_id, set()).add(outbox)
-        if source_id in self.sources:
-            self.sources[source_id].replay(outbox)
+        live = self.sources.get(source_id)
+        if self.store is not None:
+            since = time.time() - VIEWER_HISTORY_S
+            for stored in self.store.sessions(source_id):
+                if stored.started < since or (live is not None and stored.session == live.session):
+                    continue
+                end = Message("end", json.dumps({"type": "end", "seq": stored.last_seq + 1}))
+                outbox.put_backlog([Message("ready", stored.ready), *(Message("final", m) for m in stored.finals), end])
+        if live is not None:
+            live.replay(outbox)
 
     def unwatch(self, source_id: str, outbox: Outbox) -> None:
         viewers = self._viewers.get(source_id)

@@ -21,6 +21,7 @@ import ipaddress
 import json
 import logging
 import socket
+import sqlite3
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -28,13 +29,14 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from .formats import TRANSCRIPT_FORMATS, render_sessions
 from .hub import Hub, Message, Outbox, Source
 from .metrics import Metrics
 from .protocol import (
@@ -49,6 +51,7 @@ from .protocol import (
     parse_start,
 )
 from .scheduler import Scheduler
+from .store import PURGE_EVERY_S, TranscriptStore
 from .stream import StreamConfig
 
 __all__ = ["Daemon", "ServerConfig"]
@@ -82,6 +85,8 @@ class ServerConfig:
     ping_interval_s: float = 20.0  # keepalive: a peer that does not answer within as long is dropped
     resume_s: float = 30.0  # a dropped stream client's session waits this long for it to resume (0: never)
     max_detached: int = 16  # sessions waiting for a resume at once (the oldest is finalised past it)
+    state_dir: str | None = None  # where finals are kept across restarts (transcripts.db); None: nowhere
+    retention_days: float = 30.0  # sessions older than this are deleted from the store
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
@@ -95,14 +100,17 @@ class Daemon:
     def __init__(self, engine, config: ServerConfig | None = None) -> None:
         self.engine = engine
         self.config = config or ServerConfig()
+        store = None
+        if self.config.state_dir and self.config.retention_days > 0:
+            store = TranscriptStore(Path(self.config.state_dir) / "transcripts.db", self.config.retention_days * 86400)
         self.hub = Hub(lambda: {"model": engine.model_name, "devices": self.devices}, self.config.stream,
-                       self.config.max_streams)  # fmt: skip
+                       self.config.max_streams, store)  # fmt: skip
         self.scheduler = Scheduler(engine, workers=self.config.workers, max_batch=self.config.max_batch)
         self.metrics = Metrics(self)
         self.hub.on_final = self.metrics.final_latency.observe
         self.scheduler.on_job = self.metrics.observe_job
         self.scheduler.on_batch = self.metrics.batch_size.observe
-        self.started = time.time()
+        self.started = time.monotonic()  # for the uptime
         self.stopping = False
         self._server: Server | None = None
         self._tcp: asyncio.Server | None = None
@@ -112,6 +120,7 @@ class Daemon:
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
         self._tasks: set[asyncio.Task] = set()  # file and mic sources
         self._page = self._load_page()
+        self._purger: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -147,7 +156,21 @@ class Daemon:
             self._tcp = await asyncio.start_server(self._tcp_client, sock=listen[1])
         elif c.tcp_port is not None:
             self._tcp = await asyncio.start_server(self._tcp_client, c.host, c.tcp_port)
+        if self.hub.store is not None:
+            self._purger = asyncio.create_task(self._purge_store())
+            log.info("finals kept in %s for %g days", self.hub.store.path, c.retention_days)
         log.info("listening on %s", ", ".join(self.addresses))
+
+    async def _purge_store(self) -> None:
+        """Delete sessions past the retention, hourly (and at start, when the store opens)."""
+        store = self.hub.store
+        assert store is not None
+        while True:
+            await asyncio.sleep(PURGE_EVERY_S)
+            try:
+                store.purge()
+            except sqlite3.Error:
+                log.exception("could not purge old sessions from %s", store.path)
 
     @property
     def port(self) -> int:
@@ -199,6 +222,10 @@ class Daemon:
         if self._tcp is not None:
             await self._tcp.wait_closed()
         await self.scheduler.stop()
+        if self._purger is not None:
+            self._purger.cancel()
+        if self.hub.store is not None:
+            self.hub.store.close()
 
     # --- HTTP --------------------------------------------------------------------------------
 
@@ -229,10 +256,34 @@ class Daemon:
             return _respond(connection, HTTPStatus.OK, _json(self.health()), "application/json")
         if path == "/v1/sources":
             return _respond(connection, HTTPStatus.OK, _json({"sources": self.sources()}), "application/json")
+        if path.startswith("/v1/sources/") and path.endswith("/transcript"):
+            return self._transcript(connection, unquote(path[len("/v1/sources/") : -len("/transcript")]), url.query)
         if path == "/metrics":
             body, content_type = self.metrics.render()
             return _respond(connection, HTTPStatus.OK, body, content_type)
         return connection.respond(HTTPStatus.NOT_FOUND, f"no such path {path}: see / and /healthz\n")
+
+    def _transcript(self, connection: ServerConnection, source_id: str, query: str) -> Response:
+        """``GET /v1/sources/{id}/transcript?format=txt|srt|vtt|json``: every final of the source
+        the store keeps (without a store: the live session's), its sessions in order."""
+        fmt = parse_qs(query).get("format", ["txt"])[0]
+        if fmt not in TRANSCRIPT_FORMATS:
+            return connection.respond(
+                HTTPStatus.BAD_REQUEST, f"format must be one of {', '.join(TRANSCRIPT_FORMATS)}\n"
+            )
+        live = self.hub.sources.get(source_id)
+        if self.hub.store is not None:
+            sessions = [
+                (s.session, s.started, [json.loads(m) for m in s.finals]) for s in self.hub.store.sessions(source_id)
+            ]
+        elif live is not None:
+            sessions = [(live.session, live.started, [json.loads(m.text) for m in live.finals_after(0)])]
+        else:
+            sessions = []
+        if not sessions:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no transcript of source {source_id!r}\n")
+        body, content_type = render_sessions(source_id, sessions, fmt)
+        return _respond(connection, HTTPStatus.OK, body.encode(), content_type)
 
     def _authorised(self, request: Request, query: str) -> bool:
         token = self.config.token
@@ -272,7 +323,7 @@ class Daemon:
             "status": "stopping" if self.stopping else "ok",
             "model": self.engine.model_name,
             "devices": self.devices,
-            "uptime_s": round(time.time() - self.started, 1),
+            "uptime_s": round(time.monotonic() - self.started, 1),
             "streams": [
                 {**info, "lag_s": round(s.lag, 3), "finals": s.finals}
                 for info, s in zip(self.sources(), self.hub.sources.values(), strict=True)
@@ -349,9 +400,7 @@ class Daemon:
         else:
             assert start.resume is not None
             log.info("source %s: session %s resumed after seq %d", source.id, source.session, start.resume.seq)
-            outbox.put(source.ready_message_resumed)
-            for message in source.finals_after(start.resume.seq):
-                outbox.put(message)
+            outbox.put_backlog([source.ready_message_resumed, *source.finals_after(start.resume.seq)])
             waiter.set_result((read, done))
         fatal = await done
         outbox.close()

@@ -59,6 +59,13 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "ping_interval_s": (float, 20.0, "websocket keepalive ping; a client silent for twice this is dropped"),
     "resume_s": (float, 30.0, "a dropped stream client may resume its session within this many seconds (0: off)"),
     "max_detached": (int, 16, "sessions waiting for a resume at once; they yield their slot to new streams"),
+    "state_dir": (
+        str,
+        None,
+        "keep every final here (transcripts.db) across restarts; default $STATE_DIRECTORY "
+        "(systemd), else ~/.local/state/streamd",
+    ),
+    "retention_days": (float, 30.0, "delete stored sessions older than this (0: keep no transcripts)"),
     "token_file": (str, None, "file holding the token clients must send (required off loopback)"),
     "allowed_origins": (str, "", "comma-separated browser origins allowed besides the page's own"),
     "tls_cert": (str, None, "PEM certificate: serve https/wss"),
@@ -151,6 +158,8 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(f"port must be 0..65535, got {values['port']}")
     if float(values["ping_interval_s"]) <= 0:
         raise ConfigError(f"ping_interval_s must be positive, got {values['ping_interval_s']}")
+    if float(values["retention_days"]) < 0:
+        raise ConfigError(f"retention_days must be 0 (keep nothing) or more, got {values['retention_days']}")
     if float(values["resume_s"]) < 0:
         raise ConfigError(f"resume_s must be 0 (off) or more, got {values['resume_s']}")
     if str(values["log_level"]).lower() not in ("debug", "info", "warning", "error"):
@@ -217,12 +226,23 @@ def vad_config(values: dict[str, object]) -> VadConfig:
 
 def server_config(values: dict[str, object]) -> ServerConfig:
     stream = replace(StreamConfig(), update_s=float(values["update_s"]), vad=vad_config(values))
-    known = {f.name for f in fields(ServerConfig)} - {"token", "allowed_origins", "stream"}
+    known = {f.name for f in fields(ServerConfig)} - {"token", "allowed_origins", "stream", "state_dir"}
     token = token_path(values["token_file"]).read_text(encoding="utf-8").strip() if values["token_file"] else None
     origins = tuple(o.strip().rstrip("/") for o in str(values["allowed_origins"] or "").split(",") if o.strip())
     return ServerConfig(
-        **{k: v for k, v in values.items() if k in known}, stream=stream, token=token, allowed_origins=origins
+        **{k: v for k, v in values.items() if k in known},
+        stream=stream,
+        token=token,
+        allowed_origins=origins,
+        state_dir=str(values["state_dir"] or default_state_dir()),
     )
+
+
+def default_state_dir() -> Path:
+    """systemd's ``StateDirectory=`` (``$STATE_DIRECTORY``), else the XDG state home."""
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0])
+    return Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state") / "streamd"
 
 
 GPU_SWITCH_INTERVAL_S = 0.0005  # the interpreter's thread switch interval next to a batching (GPU) engine

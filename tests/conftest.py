@@ -8,6 +8,7 @@ when it is not.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,20 @@ def need_corpus() -> list[Path]:
 @pytest.fixture(scope="session")
 def corpus() -> list[Path]:
     return need_corpus()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_transcript_store_by_default():
+    """``streamd serve`` subprocesses keep no transcripts unless a test asks (``--retention-days``,
+    ``--state-dir``): the tests reuse source ids, and a shared store would replay one test's
+    sessions to another's viewers; nor should a test run write to the user's state directory."""
+    saved = os.environ.get("STREAMD_RETENTION_DAYS")
+    os.environ["STREAMD_RETENTION_DAYS"] = "0"
+    yield
+    if saved is None:
+        os.environ.pop("STREAMD_RETENTION_DAYS", None)
+    else:
+        os.environ["STREAMD_RETENTION_DAYS"] = saved
 
 
 @pytest.fixture(scope="session")
