@@ -201,6 +201,8 @@ def main() -> None:
     p.add_argument("--cuda-device", help="the daemon's --cuda-device (cuda:N; cpu to try the cuda path without a GPU)")
     p.add_argument("--max-batch", type=int, default=64, help="the daemon's --max-batch (jobs per engine run on cuda)")
     p.add_argument("--dump", metavar="DIR", help="write each stream's joined finals there")
+    p.add_argument("--serve-arg", dest="extra", action="append", default=[], metavar="ARG",
+                   help="one more daemon argument (repeat: --serve-arg=--speech-detector --serve-arg=off)")  # fmt: skip
     asyncio.run(main_async(p.parse_args()))
 
 

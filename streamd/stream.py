@@ -22,6 +22,9 @@ __all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange", "ru
 
 SAMPLE_RATE = 16000
 HOP = 160  # mel frame hop: windows start on one, so a stream's mel frames can be reused
+# A leading repeat of up to this many committed words is an echo: five let "What your country
+# can do for you." (seven words) through twice in a row when a region split after it.
+ECHO_WORDS = 12
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,7 @@ class Stream:
         """Take the words decoded for ``job`` (stream times); returns partials and finals."""
         self._busy = False
         events: list[Event] = []
-        fresh = self._drop_echo(words)
+        fresh = self._drop_echo(_drop_unheard_repeats(words))
         window_end = job.offset + len(job.audio) / SAMPLE_RATE
         if job.final:
             self._commit(self._policy.flush(fresh), events)
@@ -291,7 +294,7 @@ class Stream:
         words = timed
         events.append(Final(self._segment, words[0].start, words[-1].end, text, list(words)))
         self._committed += words
-        self._recent = [*self._recent, *words][-5:]
+        self._recent = [*self._recent, *words][-ECHO_WORDS:]
         self._committed_until = max(self._committed_until, words[-1].end)
         self._segment += 1
 
@@ -334,6 +337,24 @@ class Stream:
             # Only the last prompt_chars are ever used: keep no more (a day of speech is a megabyte).
             self._prompt_text = (self._prompt_text + "".join(w.word for w in gone))[-self.config.prompt_chars :]
             self._committed = self._committed[len(gone) :]
+
+
+UNHEARD_WORD_S = 0.05  # mean duration per word under which a repeated copy had no audio of its own
+
+
+def _drop_unheard_repeats(words: list[TimedWord]) -> list[TimedWord]:
+    """Drop the second copy of a phrase of 3+ words said twice back to back when the aligner
+    found no audio for it (its words last under ``UNHEARD_WORD_S`` each): Whisper repeating
+    itself at the end of a short window ("what your country can do for you. What your country
+    can do for you.", the copy timed 7.86-7.86 s). A phrase really said twice takes time."""
+    keys = [w.key for w in words]
+    for k in range(len(words) // 2, 2, -1):
+        for i in range(len(words) - 2 * k + 1):
+            if keys[i : i + k] == keys[i + k : i + 2 * k]:
+                copy = words[i + k : i + 2 * k]
+                if (copy[-1].end - copy[0].start) / k < UNHEARD_WORD_S:
+                    return _drop_unheard_repeats(words[: i + k] + words[i + 2 * k :])
+    return words
 
 
 def _tokens(tok, job: Job) -> tuple[list[int], list[int]]:

@@ -133,3 +133,37 @@ def test_sample_buffer_appends_drops_and_never_rewrites_a_view_it_handed_out():
         views.append((buffer.view(), reference))
     for view, expected in views:  # growing and compacting took new arrays: old views are intact
         assert np.array_equal(view, expected)
+
+
+def test_a_long_phrase_heard_again_after_its_final_is_an_echo_not_a_new_final():
+    """Seven committed words decoded again at the start of the next window (its audio reached
+    back over them) are dropped; new words after them still come through."""
+    from streamd.stream import Job
+
+    stream = Stream()
+    phrase = ["What", "your", "country", "can", "do", "for", "you."]
+
+    def words(texts, start):
+        return [TimedWord(" " + t, start + 0.3 * i, start + 0.3 * i + 0.25, 0.9) for i, t in enumerate(texts)]
+
+    job = Job(np.zeros(16000 * 3, np.float32), 0.0, "", "", True)
+    first = stream.on_result(job, words(phrase, 0.5))
+    assert [e.text for e in first if isinstance(e, Final)] == ["What your country can do for you."]
+    again = stream.on_result(job, words([*phrase, "Ask", "what"], 2.4))
+    assert [e.text for e in again if isinstance(e, Final)] == ["Ask what"]
+
+
+def test_a_phrase_repeated_with_no_audio_of_its_own_is_dropped_but_a_real_repeat_stays():
+    from streamd.stream import Job
+
+    def timed(spec):
+        return [TimedWord(" " + t, a, b, 0.9) for t, a, b in spec]
+
+    phrase = [("what", 4.92, 5.7), ("your", 5.7, 6.0), ("country", 6.0, 6.38), ("can", 6.38, 6.78)]
+    unheard = [(t.capitalize() if i == 0 else t, 7.86, 7.86) for i, (t, _, _) in enumerate(phrase)]
+    job = Job(np.zeros(16000 * 4, np.float32), 4.9, "", "", True)
+    events = Stream().on_result(job, timed([*phrase, *unheard, ("Ask", 8.2, 8.6)]))
+    assert [e.text for e in events if isinstance(e, Final)] == ["what your country can Ask"]
+    said_twice = [*phrase, *[(t, a + 2.0, b + 2.0) for t, a, b in phrase]]
+    events = Stream().on_result(job, timed(said_twice))
+    assert [e.text for e in events if isinstance(e, Final)] == ["what your country can what your country can"]
