@@ -196,7 +196,9 @@ def test_decode_greedy_batch_equals_decoding_each_window_alone(engine, backend, 
     for f, opts, got in zip(features, options, batched, strict=True):
         alone = decode(backend, f, tok, opts, w.suppress_tokens, w.suppress_tokens_begin)
         assert got.tokens == alone.tokens
-        assert got.sum_logprob == pytest.approx(alone.sum_logprob, abs=1e-3)
+        # The batched rows run in float32 where decoding's scores are float64: over 40 steps the
+        # sum drifts by about 2e-4 of itself with torch 2.14 (-8.8098 against -8.8112).
+        assert got.sum_logprob == pytest.approx(alone.sum_logprob, rel=5e-4, abs=1e-3)
         assert got.no_speech_prob == pytest.approx(alone.no_speech_prob, abs=1e-4)
     assert batched[0].tokens, "the jfk window has words"
 
