@@ -109,12 +109,18 @@ SOAK_FILES = (
 CHURN_FILES = (  # 2-3.3 s each: a short bit of speech per clean cycle
     "dev_vctk_p287_001_clean",
     "dev_librivox_sense_sensibility_0880",
-    "dev_librivox_sense_sensibility_0930",
+    "dev_librispeech_1221-135766-0002",
     "dev_vctk_p287_002_clean",
 )
 CHECK_FILE = "dev_jfk_inaugural_1961"
 
 normalise = EnglishTextNormalizer()
+
+
+def recording_path(name: str) -> Path:
+    """A dev recording: the corpus beside the repository, else the repository's test copy."""
+    wav = CORPUS / f"{name}.wav"
+    return wav if wav.exists() else ROOT / "tests" / "data" / "speech" / f"{name}.flac"
 
 
 # --- the daemon process ------------------------------------------------------------------------
@@ -508,8 +514,8 @@ async def run_churn(
     later). ``drop_and_go``: a cut client just leaves, as one on flaky Wi-Fi does (no viewer waits
     for its session's end), so the daemon's detached sessions pile up while new clients come."""
     end_timeout_s = 60.0 + resume_s
-    clips = [load_audio(CORPUS / f"{name}.wav") for name in CHURN_FILES]
-    check_wav = CORPUS / f"{CHECK_FILE}.wav"
+    clips = [load_audio(recording_path(name)) for name in CHURN_FILES]
+    check_wav = recording_path(CHECK_FILE)
     # Warm up: one cycle of each kind, so what the daemon creates lazily (engine threads, buffers)
     # is there before the baseline.
     await stream_audio(d.url, clips[0], "churn-warm-0", pace_s=None)
@@ -599,7 +605,7 @@ class Loop:
 
 @cache
 def _recording(name: str) -> np.ndarray:
-    return load_audio(CORPUS / f"{name}.wav")
+    return load_audio(recording_path(name))
 
 
 def build_loop(names: list[str], loop_s: float, gap_s: float, seed: int = 0) -> Loop:
@@ -613,7 +619,7 @@ def build_loop(names: list[str], loop_s: float, gap_s: float, seed: int = 0) -> 
         audio = _recording(name)
         if at + len(audio) + gap > total:
             continue
-        reference = normalise((CORPUS / f"{name}.wav").with_suffix(".txt").read_text(encoding="utf-8"))
+        reference = normalise((recording_path(name)).with_suffix(".txt").read_text(encoding="utf-8"))
         utterances.append(Utterance(name, at / SR, (at + len(audio)) / SR, reference))
         pieces += [audio, rng.normal(0, QUIET, gap).astype(np.float32)]
         at += len(audio) + gap
