@@ -14,8 +14,10 @@ Feed audio in any chunk sizes; get back the regions where speech starts and ends
    chunks at 0.5 or more in 211 s of music, animals and noise is 2 chunks (64 ms, a dog's
    howl); the shortest in the 21 speech files is 14 (a one-word command).
 
-A region opens ``pre_roll_s`` before its first speech chunk (onsets are quiet) but never back
-into the region before. ``detector="off"`` leaves webrtcvad alone, as before the second stage
+A region opens ``pre_roll_s`` before its first speech chunk (onsets are quiet), or where
+webrtcvad heard the sound begin if that is earlier, by at most ``onset_lag_s`` (after music
+Silero rises late on the words that follow), but never back into the region before.
+``detector="off"`` leaves webrtcvad alone, as before the second stage
 existed. The same object serves the live daemon and offline transcription.
 """
 
@@ -258,7 +260,8 @@ class VadGate:
         self.rejected = 0  # ... that the detector never called speech
 
     def __del__(self) -> None:
-        self._sleep()
+        if getattr(self, "_detector", None) is not None:
+            self._sleep()
 
     @property
     def time(self) -> float:
@@ -315,7 +318,7 @@ class VadGate:
                 self._candidate_confirmed = self._open is not None
             else:
                 self._close_candidate()
-        self._history.append(chunk)
+        self._history.append(chunk.copy())  # the caller's array may be reused after feed
         self._chunks_seen += 1
         events: list[SpeechRegion] = []
         if self._detector is None:
