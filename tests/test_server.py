@@ -19,6 +19,10 @@ from streamd.server import Daemon, ServerConfig, file_chunks
 from .conftest import reference
 
 normalise = EnglishTextNormalizer()
+# JFK live: the speech detector splits him at his one-second pauses, and "ask not", decoded
+# alone, sometimes becomes "asked not to ask" (3 errors of 22 = 0.136; issue 18's short
+# utterances). Any other error fails.
+JFK_LIVE_WER = 0.15
 
 
 @pytest.fixture
@@ -96,7 +100,7 @@ async def test_a_client_streams_speech_and_gets_finals_with_words(daemon, jfk, j
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
     kinds = {m["type"] for m in messages}
     assert {"partial", "final", "vad"} <= kinds and "error" not in kinds
-    assert wer(jfk, finals_text(messages)) <= 0.1, finals_text(messages)
+    assert wer(jfk, finals_text(messages)) <= JFK_LIVE_WER, finals_text(messages)
     stats = daemon.scheduler.stats
     assert stats.mel_s > 0 and stats.window_mel_s > 0  # windows were cut from mel computed ahead
     assert daemon.engine.stage_seconds["encoder"] > 0
@@ -194,7 +198,7 @@ async def test_an_oversize_frame_closes_with_1009_and_other_streams_go_on(engine
             assert bad.close_code == 1009
             await send_audio(good, jfk_audio, speed=None)
             await good.send(json.dumps({"type": "stop"}))
-            assert wer(jfk, finals_text(await receiving)) <= 0.1
+            assert wer(jfk, finals_text(await receiving)) <= JFK_LIVE_WER
     finally:
         await d.shutdown()
 
@@ -285,7 +289,7 @@ async def test_tcp_ingest_takes_raw_pcm_and_answers_json_lines(engine, jfk, jfk_
         await d.shutdown()
     assert lines[0]["type"] == "ready" and lines[0]["source"].startswith("tcp-")
     assert lines[-1]["type"] == "end"
-    assert wer(jfk, finals_text(lines)) <= 0.1
+    assert wer(jfk, finals_text(lines)) <= JFK_LIVE_WER
 
 
 async def test_a_file_source_plays_to_viewers(engine, jfk, jfk_audio):
@@ -299,7 +303,7 @@ async def test_a_file_source_plays_to_viewers(engine, jfk, jfk_audio):
                 messages.append(json.loads(await asyncio.wait_for(viewer.recv(), 60)))
     finally:
         await d.shutdown()
-    assert wer(jfk, finals_text(messages)) <= 0.1
+    assert wer(jfk, finals_text(messages)) <= JFK_LIVE_WER
 
 
 async def test_no_engine_work_while_silent(daemon):
@@ -376,6 +380,4 @@ async def test_two_workers_decode_two_streams_side_by_side(engine, jfk, jfk_audi
     assert d.scheduler.stats.most_concurrent == 2
     for messages in results:
         assert messages[-1]["type"] == "end"
-        # 0.2 as the other live tests: the speech detector splits JFK at his one-second pauses,
-        # and "ask not", decoded alone, sometimes becomes "asked not to ask" (3 errors of 22).
-        assert wer(jfk, finals_text(messages)) <= 0.2, finals_text(messages)
+        assert wer(jfk, finals_text(messages)) <= JFK_LIVE_WER, finals_text(messages)

@@ -78,7 +78,7 @@ def test_finals_carry_the_text_in_order(streamed, jfk):
     assert all(a.end <= b.start + 0.5 for a, b in itertools.pairwise(finals))
     norm = EnglishTextNormalizer()
     text = " ".join(f.text for f in finals)
-    assert jiwer.wer(norm(reference(jfk)), norm(text)) <= 0.1, text
+    assert jiwer.wer(norm(reference(jfk)), norm(text)) <= 0.15, text  # see test_server.JFK_LIVE_WER
     for f in finals:
         assert f.words and "".join(w.word for w in f.words).strip() == f.text
         assert 2.5 <= f.start <= f.end <= 14.5  # the first word may start at the pre-roll
