@@ -305,9 +305,8 @@ class Hub:
         self._viewers.setdefault(source_id, set()).add(outbox)
         live = self.sources.get(source_id)
         if self.store is not None:
-            since = time.time() - VIEWER_HISTORY_S
-            for stored in self.store.sessions(source_id):
-                if stored.started < since or (live is not None and stored.session == live.session):
+            for stored in self.store.sessions(source_id, since=time.time() - VIEWER_HISTORY_S):
+                if live is not None and stored.session == live.session:
                     continue
                 end = Message("end", json.dumps({"type": "end", "seq": stored.last_seq + 1}))
                 outbox.put_backlog([Message("ready", stored.ready), *(Message("final", m) for m in stored.finals), end])

@@ -95,12 +95,14 @@ class TranscriptStore:
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def sessions(self, source: str) -> list[StoredSession]:
-        """The source's sessions within the retention, oldest first, with their finals."""
+    def sessions(self, source: str, since: float = 0.0) -> list[StoredSession]:
+        """The source's sessions that started at or after ``since`` (wall clock), oldest first,
+        with their finals."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT session, source, started, ready, ended FROM sessions WHERE source = ? ORDER BY started",
-                (source,),
+                "SELECT session, source, started, ready, ended FROM sessions"
+                " WHERE source = ? AND started >= ? ORDER BY started",
+                (source, since),
             ).fetchall()
             out = [StoredSession(s, src, started, ready, bool(ended)) for s, src, started, ready, ended in rows]
             for stored in out:

@@ -19,6 +19,21 @@ SPEECH = DATA / "speech"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 
 
+def load_benchmark(name: str):
+    """``benchmarks/NAME.py`` as a module (the folder holds scripts, not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def speech_file(name: str) -> Path:
     """A recording carried by the repository (``dev_jfk_inaugural_1961``, ...)."""
     path = SPEECH / f"{name}.flac"

@@ -4,16 +4,9 @@ one line on stderr. Cuts of up to 20 s keep it near a minute; ``benchmarks/many_
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
+from .conftest import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("many_files", ROOT / "benchmarks" / "many_files.py")
-assert _spec is not None and _spec.loader is not None
-many = importlib.util.module_from_spec(_spec)
-sys.modules["many_files"] = many
-_spec.loader.exec_module(many)
+many = load_benchmark("many_files")
 
 MAX_RSS_MB = 500
 

@@ -9,7 +9,6 @@ The long runs (a 10-minute soak of 4 real-time streams, 500 churn cycles) are
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import re
 import socket
@@ -31,14 +30,10 @@ from streamd.hub import Source
 from streamd.scheduler import Scheduler
 from streamd.server import Daemon, ServerConfig
 
-from .conftest import reference, speech_file
+from .conftest import load_benchmark, reference, speech_file
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("reliability", ROOT / "benchmarks" / "reliability.py")
-assert _spec is not None and _spec.loader is not None
-rel = importlib.util.module_from_spec(_spec)
-sys.modules["reliability"] = rel
-_spec.loader.exec_module(rel)
+rel = load_benchmark("reliability")
 
 JFK = speech_file("dev_jfk_inaugural_1961")
 LONG = speech_file("dev_librispeech_1221-135766-0001")  # 16.7 s
