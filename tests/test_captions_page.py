@@ -296,3 +296,43 @@ def test_page_follows_protocol_v1_messages(page):
     assert "source=room-2" in ws.url and "source=room-2" in page.url
     assert state()["sessions"] == [] and state()["state"] in ("connecting", "waiting")
     assert not page.errors, page.errors
+
+
+def test_a_caption_arriving_before_the_scroll_event_leaves_the_reader_where_they_scrolled(page):
+    """The browser sends ``scroll`` a frame after the view moves; a caption handled in between once
+    pulled the reader back to the bottom (seen in CI: the jump button never showed). Here the
+    caption is handled in the same task as the scroll, so no scroll event can come first."""
+    page.route(
+        "http://streamd.test/**",
+        lambda route: (
+            route.fulfill(content_type="application/json", body=json.dumps({"sources": []}))
+            if "/v1/sources" in route.request.url
+            else route.fulfill(content_type="text/html; charset=utf-8", body=PAGE.read_text())
+        ),
+    )
+    page.route_web_socket("**/v1/captions*", lambda ws: None)
+    page.goto("http://streamd.test/?source=room-1")
+    page.evaluate("""() => {
+      onMessage({type: "ready", seq: 0, protocol: 1, session: "A", source: "room-1", devices: {}});
+      for (let i = 0; i < 40; i++)
+        onMessage({type: "final", seq: i + 1, segment: i, start: i, end: i + 1, text: `line ${i} of the talk`});
+    }""")
+    snap = page.evaluate(SNAPSHOT_JS)
+    assert snap["overflow"] > 100 and snap["fromBottom"] <= 2, snap
+    top = page.evaluate("""() => {
+      const c = document.getElementById('captions');
+      c.scrollTop = 0;
+      onMessage({type: "final", seq: 99, segment: 40, start: 40, end: 41, text: "said while scrolling"});
+      return c.scrollTop;
+    }""")
+    assert top == 0, "the caption pulled the reader back to the bottom"
+    page.wait_for_selector("#jump", state="visible", timeout=2_000)
+    page.wait_for_timeout(100)  # the late scroll event, and a caption after it
+    page.evaluate('onMessage({type: "final", seq: 100, segment: 41, start: 41, end: 42, text: "and after"})')
+    assert page.evaluate("document.getElementById('captions').scrollTop") == 0
+    page.click("#jump")
+    assert page.evaluate(SNAPSHOT_JS)["fromBottom"] <= 2
+    page.evaluate("window.dispatchEvent(new Event('resize'))")  # a resize while following keeps following
+    page.evaluate('onMessage({type: "final", seq: 101, segment: 42, start: 42, end: 43, text: "still live"})')
+    assert page.evaluate(SNAPSHOT_JS)["fromBottom"] <= 2 and not page.is_visible("#jump")
+    assert not page.errors, page.errors
