@@ -14,7 +14,7 @@ from .conftest import reference
 
 # faster-whisper 1.2.1 int8 with the same weights: 8.8% in the corpus README, 9.9% measured on
 # this project's machine with its default options (BENCHMARKS.md). This guards what streamd
-# transcribe measures with its default VAD (9.42%; 9.58% decoding whole files) against
+# transcribe measures with its default VAD (9.11%; 9.58% decoding whole files) against
 # regressions; it is not yet under the README's 8.8% + 0.5.
 BEAM1_BAR = 0.097
 
