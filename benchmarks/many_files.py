@@ -115,30 +115,32 @@ def run(made: list[Made], extra: list[str] | None = None) -> Result:
            *(str(m.path) for m in made)]  # fmt: skip
     started = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out: dict[str, str] = {}
-    readers = [threading.Thread(target=lambda k=k, f=f: out.__setitem__(k, f.read()))
-               for k, f in (("stdout", proc.stdout), ("stderr", proc.stderr))]  # fmt: skip
-    for r in readers:
-        r.start()
     # The child's own peak RSS, VmHWM, sampled until it exits: ru_maxrss of a child counts the
     # parent's memory at fork (Linux carries the high-water mark across exec), and under pytest
     # that parent holds torch.
     peak = 0
-    while proc.poll() is None:
-        try:
-            status = Path(f"/proc/{proc.pid}/status").read_text()
-            peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))))
-        except (OSError, StopIteration):
-            pass
-        time.sleep(0.05)
-    for r in readers:
-        r.join()
+
+    def sample() -> None:
+        nonlocal peak
+        while proc.poll() is None:
+            try:
+                status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                peak = max(peak, int(next(line.split()[1] for line in status if line.startswith("VmHWM:"))))
+            except (OSError, StopIteration):
+                pass
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    stdout, stderr = proc.communicate()
+    sampler.join()
     wall = time.perf_counter() - started
-    proc.stdout, proc.stderr = out["stdout"], out["stderr"]  # type: ignore[assignment]
     problems = []
+    if peak == 0:  # (or the bar below would pass on no measurement at all)
+        problems.append("could not read the child's peak RSS (VmHWM in /proc/PID/status)")
     bad = {str(m.path) for m in made if m.bad}
-    errors = proc.stderr.splitlines()
-    if "Traceback" in proc.stderr:
+    errors = stderr.splitlines()
+    if "Traceback" in stderr:
         problems.append("a traceback on stderr")
     if proc.returncode < 0:
         problems.append(f"killed by signal {-proc.returncode}")
@@ -154,7 +156,7 @@ def run(made: list[Made], extra: list[str] | None = None) -> Result:
         problems.append(f"{len(missing)} bad files not reported, e.g. {sorted(missing)[0]}")
     if len(errors) != len(bad):
         problems.append(f"{len(errors)} stderr lines for {len(bad)} bad files")
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    records = [json.loads(line) for line in stdout.splitlines() if line.strip()]
     good = [str(m.path) for m in made if not m.bad]
     if [r["file"] for r in records] != good:
         problems.append(f"{len(records)} JSON lines for {len(good)} good files, or out of order")
