@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.request
 
 import numpy as np
@@ -62,7 +63,8 @@ async def test_music_and_noise_give_no_final_and_no_engine_work(daemon, music, p
 async def test_speech_after_music_still_gives_its_text(daemon, music, jfk_audio):
     audio = np.concatenate([music, np.zeros(8000, np.float32), jfk_audio])
     messages = await stream(daemon, audio, "room")
-    text = finals_text(messages).lower().replace(",", "")
+    # Words, not punctuation: Whisper writes "ask not, what" or "ask not! what" from run to run.
+    text = " ".join(re.sub(r"[^a-z0-9' ]+", " ", finals_text(messages).lower()).split())
     assert text.startswith("and so my fellow americans") and "ask not what your country" in text, text
     first = next(m for m in messages if m["type"] == "final")
     assert first["start"] >= len(music) / 16000 - 0.5  # nothing was written over the guitar
