@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from npu.backends.cuda import CudaBackend, GreedyRules
-from npu.engine import MIN_UNPADDED_FRAMES, UNPADDED_TAIL_FRAMES
-from npu.mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
-from npu.tokenizer import WhisperTokenizer
-from npu.weights import load_weights
+from whisper_engine.backends.cuda import CudaBackend, GreedyRules
+from whisper_engine.engine import MIN_UNPADDED_FRAMES, UNPADDED_TAIL_FRAMES
+from whisper_engine.mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
+from whisper_engine.tokenizer import WhisperTokenizer
+from whisper_engine.weights import load_weights
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 TOKENS_PER_S = 8  # decode budget per second of audio: about twice fast English speech
@@ -25,7 +25,7 @@ def load(device: str, model: str | None = None) -> tuple[CudaBackend, WhisperTok
 
 
 def window_mels(backend: CudaBackend, audios: list[np.ndarray], min_frames: int = MIN_UNPADDED_FRAMES) -> list:
-    """Device mels of unpadded windows, as :meth:`npu.engine.Engine.encode` cuts them: the audio
+    """Device mels of unpadded windows, as :meth:`whisper_engine.engine.Engine.encode` cuts them: the audio
     plus ``UNPADDED_TAIL_FRAMES`` of silence, at least ``min_frames``, at most 30 s, even."""
     frames, paddings = [], []
     for audio in audios:

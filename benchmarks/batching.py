@@ -16,7 +16,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from npu.engine import Engine
+from whisper_engine.engine import Engine
 
 
 def best_ms(f, repeat: int = 30) -> float:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from _gpu import CORPUS, gpu_memory, load, reset_peak, sync, token_budget, window_mels
 
-from npu.mel import SAMPLE_RATE
 from streamd.audio import load_audio
+from whisper_engine.mel import SAMPLE_RATE
 
 UTTERANCE_MAX_S = 20.0
 GAP_S = 0.5

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 from _gpu import CORPUS, gpu_memory, load, reset_peak, sync, token_budget, window_mels
 
-from npu.mel import SAMPLE_RATE
 from streamd.audio import load_audio
 from streamd.vad import plan_windows, speech_regions
+from whisper_engine.mel import SAMPLE_RATE
 
 MAX_WINDOW_S = 30.0
 

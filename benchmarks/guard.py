@@ -26,11 +26,11 @@ from whisper_normalizer.english import EnglishTextNormalizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_sim import simulate
 
-from npu.engine import Engine
-from npu.guard import WindowGuard
 from streamd.audio import load_audio
 from streamd.stream import StreamConfig
 from streamd.vad import VadConfig
+from whisper_engine.engine import Engine
+from whisper_engine.guard import WindowGuard
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 NONE = WindowGuard(no_speech=None)

@@ -40,8 +40,8 @@ MUSIC_LOOP = SHARED / "nonspeech" / "music_alley_loop.wav"
 
 
 def offline(vad: VadConfig, use_vad: bool) -> None:
-    from npu.engine import Engine
-    from npu.transcribe import TranscribeOptions, transcribe
+    from whisper_engine.engine import Engine
+    from whisper_engine.transcribe import TranscribeOptions, transcribe
 
     engine = Engine.load()
     options = TranscribeOptions(beam_size=1, word_timestamps=False)

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from npu.backends.cpu import CpuBackend
 from npu.backends.xdna import XdnaBackend
-from npu.weights import load_weights
 from npu.xdna import perf
 from npu.xdna.artifacts import Artifacts
+from whisper_engine.backends.cpu import CpuBackend
+from whisper_engine.weights import load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 SOT = [50257, 50362]

@@ -18,8 +18,8 @@ from scipy.special import erf
 
 from npu import golden
 from npu.golden.mel import log_mel as npu_log_mel
-from npu.mel import log_mel as cpu_log_mel
 from streamd.audio import load_audio
+from whisper_engine.mel import log_mel as cpu_log_mel
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 

@@ -29,7 +29,7 @@ CORPUS = ROOT.parent / "shared" / "corpus" / "dev"
 FASTER_WHISPER = r"""
 import json, sys
 from faster_whisper import WhisperModel
-from npu.weights import default_model_path
+from whisper_engine.weights import default_model_path
 beam = int(sys.argv[1])
 model = WhisperModel(str(default_model_path()), device="cpu", compute_type="int8", cpu_threads=2)
 for f in sys.argv[2:]:

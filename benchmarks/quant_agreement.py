@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from npu.backends.golden import GoldenBackend
-from npu.engine import Engine
-from npu.transcribe import TranscribeOptions, transcribe
 from streamd.audio import load_audio
+from whisper_engine.engine import Engine
+from whisper_engine.transcribe import TranscribeOptions, transcribe
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 SOT = [50257, 50362]

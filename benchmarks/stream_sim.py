@@ -19,9 +19,9 @@ import jiwer
 import numpy as np
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from npu.engine import Engine
 from streamd.audio import load_audio
 from streamd.stream import Final, Partial, Stream, StreamConfig, run_job
+from whisper_engine.engine import Engine
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 CHUNK_S = 0.1

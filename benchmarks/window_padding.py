@@ -15,9 +15,9 @@ from pathlib import Path
 import jiwer
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from npu.engine import Engine
-from npu.transcribe import TranscribeOptions, transcribe
 from streamd.audio import load_audio
+from whisper_engine.engine import Engine
+from whisper_engine.transcribe import TranscribeOptions, transcribe
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 

@@ -26,8 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from whisper_engine.weights import WhisperWeights
+
 from . import golden as g
-from .weights import WhisperWeights
 
 __all__ = [
     "INT16_INPUTS",
@@ -259,7 +260,7 @@ class QuantDecoder:
         return x + self.positions[start : start + tokens.shape[1]]
 
     def forward(self, state: QuantDecoderState, tokens: np.ndarray, cross_qk_heads=None):
-        """Like :meth:`npu.model.Decoder.forward`: ``[B, n]`` tokens -> (final-normed hidden
+        """Like :meth:`whisper_engine.model.Decoder.forward`: ``[B, n]`` tokens -> (final-normed hidden
         ``[B, n, d]``, captured raw cross-attention scores)."""
         d, h = self.dims.n_text_state, self.n_head
         dh = d // h

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from npu.backends import BACKENDS
+from whisper_engine.backends import BACKENDS
 
 __all__ = ["main"]
 
@@ -85,8 +85,8 @@ class _Progress:
 
 
 def _transcribe(args: argparse.Namespace) -> int:
-    from npu.engine import NO_FALLBACK, FallbackPolicy
-    from npu.transcribe import TranscribeOptions, transcribe
+    from whisper_engine.engine import NO_FALLBACK, FallbackPolicy
+    from whisper_engine.transcribe import TranscribeOptions, transcribe
 
     from .audio import AudioError, load_audio
     from .formats import render
@@ -143,9 +143,9 @@ def _transcribe(args: argparse.Namespace) -> int:
 
 
 def _load_engine(args: argparse.Namespace):
-    from npu.backends import BackendUnavailable
-    from npu.engine import Engine
-    from npu.weights import ModelError
+    from whisper_engine.backends import BackendUnavailable
+    from whisper_engine.engine import Engine
+    from whisper_engine.weights import ModelError
 
     try:
         return Engine.load(args.model, backend=args.backend)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from npu.transcribe import Transcript
+from whisper_engine.transcribe import Transcript
 
 __all__ = ["FORMATS", "TRANSCRIPT_FORMATS", "render", "render_sessions"]
 

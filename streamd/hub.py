@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from npu.mel import StreamingMel
+from whisper_engine.mel import StreamingMel
 
 from .protocol import POLICY_VIOLATION, PROTOCOL_VERSION, TRY_AGAIN_LATER, ProtocolError, event_message
 from .store import TranscriptStore

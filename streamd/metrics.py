@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from npu.guard import GUARD_RULES
+from whisper_engine.guard import GUARD_RULES
 
 from .stream import Job
 from .vad import detector_cpu_seconds

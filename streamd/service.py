@@ -140,7 +140,7 @@ def settings(args: argparse.Namespace, environ: dict[str, str] | None = None) ->
 
 
 def _check(values: dict[str, object]) -> None:
-    from npu.backends import BACKENDS
+    from whisper_engine.backends import BACKENDS
 
     if values["backend"] not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {values['backend']!r}")
@@ -257,9 +257,9 @@ def serve_main(args: argparse.Namespace) -> int:
     _configure_logging(str(values["log_level"]))
     if log.getEffectiveLevel() > logging.DEBUG:
         logging.getLogger("websockets").setLevel(logging.WARNING)  # one line per HTTP request otherwise
-    from npu.backends import BackendUnavailable
-    from npu.engine import Engine
-    from npu.weights import ModelError
+    from whisper_engine.backends import BackendUnavailable
+    from whisper_engine.engine import Engine
+    from whisper_engine.weights import ModelError
 
     _limit_blas_threads(int(values["threads"]))
     try:

@@ -382,7 +382,7 @@ def run_jobs(engine, jobs: list[Job], mels: list[np.ndarray | None]) -> list[lis
     """:func:`run_job` for the jobs of many streams as one batch (``Engine.continue_windows``):
     on a batching backend their windows share one encoder launch and their decoder steps one
     launch per step."""
-    from npu.engine import WindowRequest
+    from whisper_engine.engine import WindowRequest
 
     requests = []
     for job, mel in zip(jobs, mels, strict=True):

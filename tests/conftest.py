@@ -78,7 +78,7 @@ def no_transcript_store_by_default():
 
 @pytest.fixture(scope="session")
 def engine():
-    from npu.engine import Engine
+    from whisper_engine.engine import Engine
 
     return Engine.load()
 

@@ -26,9 +26,6 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 torch = pytest.importorskip("torch")
 
-from npu.backends.cuda import CudaBackend, GreedyRules, TorchFeatures  # noqa: E402
-from npu.engine import Engine, WindowRequest  # noqa: E402
-from npu.timing import alignment_matrix, alignment_tokens  # noqa: E402
 from streamd.audio import load_audio  # noqa: E402
 from streamd.hub import Source  # noqa: E402
 from streamd.policy import TimedWord  # noqa: E402
@@ -36,6 +33,9 @@ from streamd.scheduler import Scheduler  # noqa: E402
 from streamd.server import Daemon, ServerConfig  # noqa: E402
 from streamd.service import ConfigError, add_serve_args, settings  # noqa: E402
 from streamd.stream import Job  # noqa: E402
+from whisper_engine.backends.cuda import CudaBackend, GreedyRules, TorchFeatures  # noqa: E402
+from whisper_engine.engine import Engine, WindowRequest  # noqa: E402
+from whisper_engine.timing import alignment_matrix, alignment_tokens  # noqa: E402
 
 from .conftest import reference, speech_file  # noqa: E402
 
@@ -152,7 +152,7 @@ def test_encoding_audio_in_one_pass_equals_mel_then_encode(torch_engine, request
 
 def test_device_alignment_matrices_equal_the_host_ones(torch_engine, requests):
     """The softmax, standardisation and median filter of many windows on the device give what
-    :func:`npu.timing.alignment_matrix` gives each on the host: windows and token rows of
+    :func:`whisper_engine.timing.alignment_matrix` gives each on the host: windows and token rows of
     different lengths (masked padding), a window too short to filter, and a reflection at each
     window's own last frame."""
     backend, tok = torch_engine.backend, torch_engine.tokenizer

@@ -13,11 +13,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from npu.backends.cuda import CudaBackend, GreedyRules  # noqa: E402
-from npu.decoding import DecodingOptions, decode  # noqa: E402
-from npu.engine import Engine  # noqa: E402
-from npu.transcribe import TranscribeOptions, transcribe  # noqa: E402
 from streamd.audio import load_audio  # noqa: E402
+from whisper_engine.backends.cuda import CudaBackend, GreedyRules  # noqa: E402
+from whisper_engine.decoding import DecodingOptions, decode  # noqa: E402
+from whisper_engine.engine import Engine  # noqa: E402
+from whisper_engine.transcribe import TranscribeOptions, transcribe  # noqa: E402
 
 from .conftest import need_corpus, speech_file  # noqa: E402
 
@@ -278,7 +278,7 @@ def test_gpu_memory_per_stream_is_bounded(engine, gpu_backend, mels, rules):
 @pytest.mark.gpu
 @needs_cuda
 def test_gpu_alignment_matrices_equal_the_host_ones(engine, gpu_backend, mels):
-    from npu.timing import alignment_matrix, alignment_tokens
+    from whisper_engine.timing import alignment_matrix, alignment_tokens
 
     tok = engine.tokenizer
     features = gpu_backend.encode_batch(mels)

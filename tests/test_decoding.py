@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from npu.decoding import DecodingOptions, _loop_start, _Rules, compression_ratio, decode
-from npu.mel import N_SAMPLES
 from streamd.audio import load_audio
+from whisper_engine.decoding import DecodingOptions, _loop_start, _Rules, compression_ratio, decode
+from whisper_engine.mel import N_SAMPLES
 
 
 @pytest.fixture(scope="module")

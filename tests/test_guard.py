@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from npu.decoding import DecodingResult, compression_ratio
-from npu.guard import WindowGuard, longest_repeat
+from whisper_engine.decoding import DecodingResult, compression_ratio
+from whisper_engine.guard import WindowGuard, longest_repeat
 
 
 def result(text: str = " And so my fellow Americans.", no_speech: float = 0.05, logprob: float = -0.3):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from npu.mel import N_SAMPLES, log_mel, mel_filters
+from whisper_engine.mel import N_SAMPLES, log_mel, mel_filters
 
 from .conftest import speech_file
 
@@ -115,8 +115,8 @@ def test_streaming_mel_gives_the_windows_log_mel(jfk):
     """Frames computed as 100 ms chunks arrive, sliced into windows as the daemon asks for them,
     equal log_mel of each window's audio; only a mid-stream window's first two frames differ
     (they see the real audio before the window instead of a reflection of its start)."""
-    from npu.mel import StreamingMel
     from streamd.audio import load_audio
+    from whisper_engine.mel import StreamingMel
 
     audio = load_audio(jfk)
     mel = StreamingMel()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from npu.backends import xdna_unavailable
 from npu.backends.golden import GoldenBackend
-from npu.engine import Engine
-from npu.transcribe import transcribe
+from whisper_engine.backends import xdna_unavailable
+from whisper_engine.engine import Engine
+from whisper_engine.transcribe import transcribe
 
 from .conftest import speech_file
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from npu.decoding import DecodingOptions, decode
-from npu.mel import N_FRAMES, N_SAMPLES
 from streamd.audio import load_audio
+from whisper_engine.decoding import DecodingOptions, decode
+from whisper_engine.mel import N_FRAMES, N_SAMPLES
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 

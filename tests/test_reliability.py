@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 
-from npu.engine import Engine
 from streamd.audio import load_audio
 from streamd.hub import Source
 from streamd.scheduler import Scheduler
 from streamd.server import Daemon, ServerConfig
+from whisper_engine.engine import Engine
 
 from .conftest import load_benchmark, reference, speech_file
 

@@ -123,7 +123,7 @@ def test_under_journald_logs_carry_their_priority(tmp_path):
             proc.kill()
     lines = out.splitlines()
     assert any(line.startswith("<6>streamd.server: listening on http://127.0.0.1:") for line in lines), out
-    assert any(line.startswith("<6>npu.backends: backend auto: cpu (xdna not used: ") for line in lines), out
+    assert any(line.startswith("<6>whisper_engine.backends: backend auto: cpu (xdna not used: ") for line in lines), out
     assert all(line[:3] in ("<7>", "<6>", "<4>", "<3>", "<2>") or line.startswith("    ") for line in lines), out
 
 

@@ -7,9 +7,9 @@ import string
 import numpy as np
 import pytest
 
-from npu.timing import dtw, median_filter
-from npu.transcribe import TranscribeOptions, transcribe
 from streamd.audio import load_audio
+from whisper_engine.timing import dtw, median_filter
+from whisper_engine.transcribe import TranscribeOptions, transcribe
 
 
 def _dtw_reference(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from npu.transcribe import _split_segments, transcribe
+from whisper_engine.transcribe import _split_segments, transcribe
 
 TS = 50363  # <|0.00|>
 

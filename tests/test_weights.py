@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 from safetensors.numpy import save_file
 
-from npu.weights import ModelError, WhisperWeights, default_model_path, load_weights
+from whisper_engine.weights import ModelError, WhisperWeights, default_model_path, load_weights
 
 from .conftest import speech_file
 
@@ -88,7 +88,7 @@ class Layout:
 
 
 def parse_layout(buf: bytes) -> Layout:
-    """Walk a model.bin's headers (independently of npu.weights) to find where things are."""
+    """Walk a model.bin's headers (independently of whisper_engine.weights) to find where things are."""
     pos = 4
 
     def string() -> str:
@@ -561,8 +561,8 @@ def test_hf_file_path_same_as_folder(hf_dir: Path, ct2: WhisperWeights) -> None:
 
 
 def test_hf_transcribes_like_ct2(hf_dir: Path, model_dir: Path) -> None:
-    from npu.engine import Engine
-    from npu.transcribe import TranscribeOptions, transcribe
+    from whisper_engine.engine import Engine
+    from whisper_engine.transcribe import TranscribeOptions, transcribe
 
     audio, rate = sf.read(str(JFK), dtype="float32")
     assert rate == 16000 and audio.ndim == 1

@@ -6,9 +6,9 @@ import jiwer
 import pytest
 from whisper_normalizer.english import EnglishTextNormalizer
 
-from npu.transcribe import TranscribeOptions, transcribe
 from streamd.audio import load_audio
 from streamd.vad import plan_windows, speech_regions
+from whisper_engine.transcribe import TranscribeOptions, transcribe
 
 from .conftest import reference
 

@@ -24,9 +24,9 @@ import pytest
 import soundfile as sf
 
 from npu.backends.golden import GoldenBackend
-from npu.engine import Engine
-from npu.transcribe import TranscribeOptions, transcribe
 from npu.xdna.artifacts import Artifacts, ArtifactsError, Call, Operand, decode_synthetic, encode_synthetic
+from whisper_engine.engine import Engine
+from whisper_engine.transcribe import TranscribeOptions, transcribe
 
 from .conftest import reference, speech_file
 
@@ -211,7 +211,7 @@ def test_the_fake_device_refuses_unsynced_inputs(xdna, pyxrt):
 @pytest.fixture
 def xdna_engine(engine, artifacts, pyxrt, monkeypatch):
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
-    from npu.backends import create_backend
+    from whisper_engine.backends import create_backend
 
     xdna_engine = Engine(engine.weights, create_backend(engine.weights, "xdna-all"), engine.tokenizer)
     yield xdna_engine
@@ -252,7 +252,7 @@ def test_a_failing_npu_stage_moves_to_the_cpu_without_losing_text(xdna_engine, p
 
 
 def test_auto_takes_the_cpu_here_and_says_why(engine):
-    from npu.backends import create_backend, xdna_unavailable
+    from whisper_engine.backends import create_backend, xdna_unavailable
 
     why = xdna_unavailable()
     if Path("/dev/accel/accel0").exists():
@@ -263,7 +263,7 @@ def test_auto_takes_the_cpu_here_and_says_why(engine):
 
 def test_auto_takes_xdna_when_device_pyxrt_and_artifacts_are_there(engine, artifacts, pyxrt, monkeypatch):
     import npu.xdna.runtime as runtime
-    from npu.backends import create_backend, xdna_unavailable
+    from whisper_engine.backends import create_backend, xdna_unavailable
 
     monkeypatch.setattr(runtime, "device_present", lambda: True)
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
@@ -276,7 +276,7 @@ def test_auto_takes_xdna_when_device_pyxrt_and_artifacts_are_there(engine, artif
 
 
 def test_default_placement_decodes_the_npu_encoder_output_on_the_cpu(engine, artifacts, pyxrt, monkeypatch, golden):
-    from npu.backends import create_backend
+    from whisper_engine.backends import create_backend
 
     monkeypatch.setenv("STREAMD_XDNA_ARTIFACTS", str(artifacts.root))
     backend = create_backend(engine.weights, "xdna")

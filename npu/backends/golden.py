@@ -9,10 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from whisper_engine.backend import Backend, DecoderSession
+from whisper_engine.weights import WhisperWeights
+
 from .. import golden
-from ..backend import Backend, DecoderSession
 from ..quant import QuantDecoder, QuantDecoderState, QuantModel
-from ..weights import WhisperWeights
 
 __all__ = ["GoldenBackend"]
 

@@ -30,10 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from whisper_engine.backend import Backend, DecoderSession
+from whisper_engine.weights import WhisperWeights
+
 from .. import golden
-from ..backend import Backend, DecoderSession
 from ..quant import QLinear, QuantDecoder, QuantEncoder
-from ..weights import WhisperWeights
 from ..xdna.artifacts import ABSENT, Artifacts, Call, Operand
 from ..xdna.runtime import Runtime
 
@@ -108,7 +109,7 @@ class XdnaBackend(Backend):
         """``decoder_on="cpu"`` is the placement :mod:`npu.xdna.perf` predicts to be faster on
         npu1 today: a decoder step is ~156 kernel calls, whose dispatch alone (~5.6 ms) costs more
         than the CPU's whole float32 step; the encoder's output is then read back once per window
-        for the CPU decoder (``cpu``, or a new :class:`~npu.backends.cpu.CpuBackend`), and the
+        for the CPU decoder (``cpu``, or a new :class:`~whisper_engine.backends.cpu.CpuBackend`), and the
         decoder is neither quantised nor uploaded."""
         super().__init__(weights)
         if decoder_on not in ("npu", "cpu"):
@@ -121,7 +122,7 @@ class XdnaBackend(Backend):
         if decoder_on == "npu":
             self.decoder_model = QuantDecoder(weights)
         else:
-            from .cpu import CpuBackend
+            from whisper_engine.backends.cpu import CpuBackend
 
             self.cpu = cpu or CpuBackend(weights)
         self._lock = threading.Lock()  # one window's buffers are set up at a time
@@ -425,7 +426,7 @@ class XdnaBackend(Backend):
     def _cpu_features(self, features: XdnaFeatures) -> object:
         """The encoder output read back once for the CPU decoder (``decoder_on="cpu"``)."""
         if features.on_cpu is None:
-            from .cpu import CpuFeatures
+            from whisper_engine.backends.cpu import CpuFeatures
 
             features.on_cpu = CpuFeatures(self.read(features.x).reshape(features.frames, -1))
         return features.on_cpu

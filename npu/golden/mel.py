@@ -10,7 +10,7 @@
   sums (weights pre-scaled by 2**-44), then log10 from a log2 table (error under 4e-6).
 
 :func:`log_mel` chains them and applies Whisper's clamp and scaling (on the host: one max over
-the window), for comparison with the CPU front end :func:`npu.mel.log_mel`.
+the window), for comparison with the CPU front end :func:`whisper_engine.mel.log_mel`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from ..mel import HOP_LENGTH, N_FFT
+from whisper_engine.mel import HOP_LENGTH, N_FFT
+
 from .numerics import rne, saturate, srs
 from .tables import LOG2_BITS, log2_table, mel_filter_bank
 

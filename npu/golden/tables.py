@@ -65,10 +65,10 @@ def gelu_table() -> np.ndarray:
 
 @lru_cache(maxsize=4)
 def mel_filter_bank(n_mels: int = 80) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Whisper's mel filters (:func:`npu.mel.mel_filters`) in sparse form for the mel kernel:
+    """Whisper's mel filters (:func:`whisper_engine.mel.mel_filters`) in sparse form for the mel kernel:
     ``first[j]``, ``count[j]`` (int32) and the packed weights, scaled by 2**-44 (exact: a power of
     two) because the DFT kernel's power spectrum is the float one times 2**44."""
-    from ..mel import mel_filters
+    from whisper_engine.mel import mel_filters
 
     dense = mel_filters(n_mels)
     first = np.empty(n_mels, np.int32)

@@ -373,7 +373,7 @@ def _stream_options(prompt: Sequence[int], prefix: Sequence[int]) -> DecodingOpt
 
 
 def _greedy_result(tok: WhisperTokenizer, greedy: Any, start: tuple[list[int], int, int]) -> DecodingResult:
-    """A batched decoder's row as :func:`npu.decoding.decode` reports it: a looping row is cut
+    """A batched decoder's row as :func:`whisper_engine.decoding.decode` reports it: a looping row is cut
     where its loop starts, as decode cuts it."""
     initial, _, text_begin = start
     tokens, logprobs = list(greedy.tokens), list(greedy.token_logprobs)

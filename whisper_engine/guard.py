@@ -1,7 +1,7 @@
 """What the decoder says about its own window: rules that drop a streamed window as no speech.
 
 The VAD decides what reaches the engine; this is the last word, from the model itself. A rule
-fires on a window's :class:`~npu.decoding.DecodingResult`; a dropped window gives no words (so
+fires on a window's :class:`~whisper_engine.decoding.DecodingResult`; a dropped window gives no words (so
 no partial, and no final when it is the utterance's last decode). Each rule can be switched
 off (``None``) and is counted by name where it fires (``/metrics``).
 

@@ -1,4 +1,4 @@
-"""The CPU backend: the numpy reference graph of :mod:`npu.model`."""
+"""The CPU backend: the numpy reference graph of :mod:`whisper_engine.model`."""
 
 from __future__ import annotations
 

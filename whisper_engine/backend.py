@@ -1,6 +1,6 @@
 """The one interface every accelerator implements: mel, encoder, and a cached decoder.
 
-Decoding policy (:mod:`npu.decoding`) and transcription (:mod:`npu.transcribe`) only talk to
+Decoding policy (:mod:`whisper_engine.decoding`) and transcription (:mod:`whisper_engine.transcribe`) only talk to
 this interface, so the CPU, XDNA and CUDA backends run exactly the same search. Each backend
 reports the device that really ran each stage in :attr:`Backend.devices`.
 """
@@ -37,7 +37,7 @@ class Backend(ABC):
 
     name: str = "abstract"
     #: Whether the backend takes many windows at once (``encode_batch``, ``decode_greedy_batch``,
-    #: ``alignment_batch``; see :class:`npu.backends.cuda.CudaBackend`). Where it does, the daemon
+    #: ``alignment_batch``; see :class:`whisper_engine.backends.cuda.CudaBackend`). Where it does, the daemon
     #: decodes many streams' windows in one launch; elsewhere it runs one window per engine thread.
     supports_batching: bool = False
 

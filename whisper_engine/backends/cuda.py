@@ -1,11 +1,11 @@
-"""The CUDA backend: the reference graph of :mod:`npu.model` in torch, built for many streams.
+"""The CUDA backend: the reference graph of :mod:`whisper_engine.model` in torch, built for many streams.
 
 Same graph as the numpy engine (query scale folded into the Q projections, unpadded windows of
 any even length, tanh GELU in the encoder and exact GELU in the decoder), run with fp16 weights on
 a GPU or float32 on torch's CPU device (which is how CI checks it against numpy). The mel front end
 runs on the same device; attention is ``scaled_dot_product_attention``.
 
-Besides the one-window :class:`~npu.backend.Backend` interface, two batched entry points serve
+Besides the one-window :class:`~whisper_engine.backend.Backend` interface, two batched entry points serve
 hundreds of live streams from one GPU:
 
 - :meth:`CudaBackend.encode_batch` encodes windows of different lengths together, padded to
@@ -74,8 +74,8 @@ class TorchFeatures:
 class GreedyRules:
     """Token masks of greedy decoding without timestamps (the streaming mode), as device masks.
 
-    Built from :mod:`npu.decoding`'s own rules by :meth:`from_tokenizer`, so the batched decoder
-    masks exactly what :func:`npu.decoding.decode` masks with ``without_timestamps=True``.
+    Built from :mod:`whisper_engine.decoding`'s own rules by :meth:`from_tokenizer`, so the batched decoder
+    masks exactly what :func:`whisper_engine.decoding.decode` masks with ``without_timestamps=True``.
     """
 
     eot: int
@@ -211,7 +211,7 @@ class _DecodeState:
 class _RowWatch:
     """The batched rows' tokens as they reach the host, for the loop guard.
 
-    A row is checked after each new non-eot token, as :func:`npu.decoding.decode` does, so where
+    A row is checked after each new non-eot token, as :func:`whisper_engine.decoding.decode` does, so where
     it stops (and what it keeps) does not depend on how often tokens are copied back.
     """
 
@@ -624,7 +624,7 @@ class CudaBackend(Backend):
         first_row: int,
         medfilt_width: int = 7,
     ) -> list[np.ndarray]:
-        """:func:`npu.timing.alignment_matrix` of many windows, computed on the device after one
+        """:func:`whisper_engine.timing.alignment_matrix` of many windows, computed on the device after one
         :meth:`alignment_batch` pass: only each window's small DTW cost matrix crosses to the host,
         and the host's per-window softmax, standardisation and median filter are gone."""
         if not len(features_list) == len(tokens_list) == len(num_frames):
@@ -792,7 +792,7 @@ class CudaBackend(Backend):
         """Greedy-decode many windows together; row ``i`` decodes ``features_list[i]`` after
         ``prompts[i]`` (its full initial tokens, see :meth:`GreedyRules.initial_tokens`).
 
-        Gives the tokens :func:`npu.decoding.decode` gives with ``without_timestamps=True`` and
+        Gives the tokens :func:`whisper_engine.decoding.decode` gives with ``without_timestamps=True`` and
         ``sample_len=max_tokens``: masks from ``rules``; ``prefixed[i]`` (a forced prefix ends the
         prompt) lifts the first-step blank suppression, as decoding does. ``looping(i, tokens)``
         is decoding's loop guard: asked after each new non-eot token of row ``i`` (``tokens``: the
@@ -928,7 +928,7 @@ class CudaBackend(Backend):
 
 
 def _alignment_matrices(scores: Tensor, lengths: Sequence[int], n_audio: Sequence[int], width: int) -> Tensor:
-    """:func:`npu.timing.alignment_matrix` for a batch of raw scores ``[B, heads, W, T]`` whose
+    """:func:`whisper_engine.timing.alignment_matrix` for a batch of raw scores ``[B, heads, W, T]`` whose
     row ``i`` holds ``lengths[i]`` tokens and ``n_audio[i]`` frames; returns ``[B, W, T]`` (each
     row valid over its own tokens and frames). Padded frames and tokens are masked out of the
     softmax and the statistics, and the median filter reflects at each row's own last frame."""

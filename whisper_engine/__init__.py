@@ -1,0 +1,1 @@
+"""The model and its accelerator runtime: weights, tokenizer, mel, encoder, cached decoder, backends."""
