@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from whisper_engine.backends.cuda import CudaBackend, GreedyRules
+from whisper_engine.backends.cuda import CudaBackend
+from whisper_engine.decoding import GreedyRules
 from whisper_engine.engine import MIN_UNPADDED_FRAMES, UNPADDED_TAIL_FRAMES
 from whisper_engine.mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from whisper_engine.tokenizer import WhisperTokenizer

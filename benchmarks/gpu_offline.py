@@ -68,7 +68,7 @@ def run_pass(backend, tok, rules, windows: list[np.ndarray]) -> Pass:
     tokens = backend.decode_greedy_batch(
         features, [prompt] * len(windows), [token_budget(w) for w in windows], rules=rules
     )
-    texts = [tok.decode(t) for t in tokens]
+    texts = [tok.decode(r.tokens) for r in tokens]
     done = time.perf_counter()
     return Pass(done - started, t_mel - started, t_enc - t_mel, done - t_enc, texts)
 

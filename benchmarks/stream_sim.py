@@ -20,7 +20,8 @@ import numpy as np
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
-from streamd.stream import Final, Partial, Stream, StreamConfig, run_job
+from streamd.jobs import run_job
+from streamd.stream import Final, Partial, Stream, StreamConfig
 from whisper_engine.engine import Engine
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"

@@ -6,18 +6,21 @@ degrades into fewer, longer windows instead of a growing queue. Finals (speech h
 go first, then the stream whose audio has waited longest. The event loop never runs model
 code: it only feeds audio and sends messages.
 
-On the CPU (and NPU) backends jobs of different streams are not batched into one product: that
-costs more than it saves (OpenBLAS packs the whole matrix for a multi-row product; see
-``benchmarks/batching.py``). With ``workers`` > 1, jobs of different streams run side by side
-on their own threads (each BLAS call single-threaded), one per core.
+There is one job path: a free engine thread takes up to ``max_batch`` ready jobs, most urgent
+first and one per stream, and runs them as one batch (:func:`~streamd.jobs.run_jobs`); a lone
+job is a batch of one. The backend states how many it takes (``Backend.max_batch``). On the CPU
+(and NPU) that is one: batching jobs of different streams into one product costs more than it
+saves there (OpenBLAS packs the whole matrix for a multi-row product; see
+``benchmarks/batching.py``), and with ``workers`` > 1 jobs of different streams run side by side
+on their own threads (each BLAS call single-threaded), one per core. On the GPU a launch costs
+about the same for one window as for dozens, so a batch holds up to the ``--max-batch`` setting.
 
-On a backend that batches (``backend.supports_batching``: the GPU), a free engine thread takes
-up to ``max_batch`` ready jobs instead, most urgent first and one per stream, and runs them as
-one batch (:func:`~streamd.stream.run_jobs`): a GPU launch costs about the same for one window
-as for dozens. Each job's words then go back to its stream exactly as a lone job's do. There the
-mel stage moves to the device too: the batch's window mels are one STFT launch, so the host
-computes no mel frames (at hundreds of streams the CPU mel thread was the bottleneck, and its
-work held the GIL that the event loop and the engine thread need).
+Where a window's mel is computed is the backend's to say, once (``Backend.mel_from_audio``).
+Either the mel thread turns each stream's new audio into mel frames as it arrives and a job's
+window mel is a slice of them (the CPU and NPU backends), or the device computes a batch's window
+mels itself in one STFT launch and the host computes no mel frames (the GPU: at hundreds of
+streams the CPU mel thread was the bottleneck, and its work held the GIL that the event loop and
+the engine thread need).
 """
 
 from __future__ import annotations
@@ -30,11 +33,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .hub import Source
+from .jobs import run_jobs
 from .policy import TimedWord
 from .protocol import ProtocolError
-from .stream import Job, run_job, run_jobs
+from .stream import Job
+
+if TYPE_CHECKING:
+    from whisper_engine.engine import Engine
 
 __all__ = ["Scheduler", "SchedulerStats"]
 
@@ -52,7 +62,7 @@ class SchedulerStats:
     mel_overlap_s: float = 0.0  # ... of which while the engine was running a job
     window_mel_s: float = 0.0  # assembling a job's mel from those frames, at dispatch
     most_concurrent: int = 0  # jobs (or batches) running at once, at most (≤ workers)
-    batches: int = 0  # engine runs: one per job, or one per batch of jobs on a batching backend
+    batches: int = 0  # engine runs (a lone job is a batch of one)
     last_batch: int = 0  # jobs in the latest batch
     largest_batch: int = 0
 
@@ -64,21 +74,19 @@ class Scheduler:
 
     def __init__(
         self,
-        engine,
-        run: Callable[..., list[TimedWord]] = run_job,
+        engine: Engine,
         workers: int = 1,
         max_batch: int = 64,
-        run_batch: Callable[..., list[list[TimedWord]]] = run_jobs,
+        run: Callable[[Engine, list[Job], list[np.ndarray | None]], list[list[TimedWord]]] = run_jobs,
     ) -> None:
         self.engine = engine
         self._run = run
-        self._run_batch = run_batch
         self.workers = workers  # engine threads: jobs of different streams may run at once
-        # Jobs per engine run: batches only where the backend takes them, else one job per thread.
-        batching = getattr(getattr(engine, "backend", None), "supports_batching", False)
-        self.max_batch = max(1, max_batch) if batching else 1
-        #: Window mels are computed by the batching backend on its device, not from frames pushed ahead.
-        self.device_mel = bool(batching)
+        #: Jobs per engine run: the setting, as far as the backend takes them (1 on CPU and NPU).
+        self.max_batch = max(1, min(max_batch, engine.backend.max_batch))
+        #: The mel thread computes each stream's mel frames as audio arrives (else the device
+        #: computes a batch's window mels itself).
+        self.mel_ahead = not engine.backend.mel_from_audio
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="engine")
         self._mel_executor = ThreadPoolExecutor(1, thread_name_prefix="mel")
         self._engines_busy = 0
@@ -112,11 +120,17 @@ class Scheduler:
         self._executor.shutdown(wait=True)
         self._mel_executor.shutdown(wait=True)
 
-    def push_audio(self, source: Source) -> None:
-        """Queue the mel of ``source``'s new audio on the mel thread; nothing while it is silent."""
+    def feed(self, source: Source, samples: np.ndarray) -> None:
+        """``samples`` into ``source``'s stream; the mel of its new audio queued on the mel thread
+        (nothing while it is silent), and the engine woken."""
+        source.feed(samples)
         stream = source.stream
-        if stream.idle or self.device_mel:
-            return
+        if self.mel_ahead and not stream.idle:
+            self._push_mel(source)
+        self.wake()
+
+    def _push_mel(self, source: Source) -> None:
+        stream = source.stream
         start = stream.buffer_start_sample
         if source.mel_sent < start:  # after a silence: the cache starts again with the pre-roll
             self._mel_executor.submit(source.mel.reset, start)
@@ -142,47 +156,31 @@ class Scheduler:
         self.stats.window_mel_s += time.perf_counter() - started
         return mel
 
-    def _window_mels(self, batch: list[tuple[Source, Job]]) -> list:
+    def _window_mels(self, batch: list[tuple[Source, Job]]) -> list[np.ndarray | None]:
         return [self._window_mel(source, job) for source, job in batch]
 
-    async def _batch_mels(self, batch: list[tuple[Source, Job]]) -> list:
+    async def _batch_mels(self, batch: list[tuple[Source, Job]]) -> list[np.ndarray | None]:
         """The batch's window mels from the frames computed ahead, or ``None`` for each when the
-        device computes them in the batch (:attr:`device_mel`)."""
-        if self.device_mel:
+        device computes them in the batch (not :attr:`mel_ahead`)."""
+        if not self.mel_ahead:
             return [None] * len(batch)
         return await asyncio.get_running_loop().run_in_executor(self._mel_executor, self._window_mels, batch)
 
-    def _busy(self, run: Callable, *args):
-        """``run(engine, *args)`` on an engine thread, counted as busy while it runs."""
+    def _run_counted(self, jobs: list[Job], mels: list[np.ndarray | None]) -> list[list[TimedWord]]:
+        """The jobs on an engine thread, counted as busy while they run."""
         with self._busy_lock:
             self._engines_busy += 1
             self.stats.most_concurrent = max(self.stats.most_concurrent, self._engines_busy)
         try:
-            return run(self.engine, *args)
+            return self._run(self.engine, jobs, mels)
         finally:
             with self._busy_lock:
                 self._engines_busy -= 1
-
-    def _batch(self, jobs: list[Job], mels: list) -> list[list[TimedWord]]:
-        return self._busy(self._run_batch, jobs, mels)
-
-    def _job(self, job: Job, mel) -> list[TimedWord]:
-        return self._busy(self._run, job, mel)
 
     @property
     def waiting(self) -> int:
         """Streams with audio waiting for a decode (not counting the one decoding)."""
         return sum(1 for s in self._sources if not s.stream.busy and (s.stream.final_pending or s.stream.lag > 0.0))
-
-    def _pick(self) -> tuple[Source, Job] | None:
-        order = sorted(self._sources, key=_urgency)
-        for source in order:
-            job = source.stream.next_job()
-            if job is not None:
-                return source, job
-            if source.stream.idle:
-                source.progressed()  # it may have just closed its utterance without a decode
-        return None
 
     def _pick_batch(self) -> list[tuple[Source, Job]]:
         """Up to ``max_batch`` jobs, most urgent first, one per stream (a stream with a job out
@@ -203,15 +201,10 @@ class Scheduler:
             await self._wakeup.wait()
             self._wakeup.clear()
             while len(self._running) < self.workers:
-                if self.max_batch > 1:
-                    batch = self._pick_batch()
-                    if not batch:
-                        break
-                    task = asyncio.create_task(self._execute_batch(batch))
-                elif (picked := self._pick()) is not None:
-                    task = asyncio.create_task(self._execute(*picked))
-                else:
+                batch = self._pick_batch()
+                if not batch:
                     break
+                task = asyncio.create_task(self._execute(batch))
                 self._running.add(task)
                 task.add_done_callback(self._finished)
 
@@ -219,48 +212,38 @@ class Scheduler:
         self._running.discard(task)
         self.wake()
 
-    async def _execute(self, source: Source, job: Job) -> None:
-        loop = asyncio.get_running_loop()
+    async def _execute(self, batch: list[tuple[Source, Job]]) -> None:
+        """One engine run for the batch's jobs (one job or many streams'). A failed batch of many
+        is retried job by job, so that one bad window costs only its own stream's text."""
         started = time.perf_counter()
+        jobs = [job for _, job in batch]
+        mels: list[np.ndarray | None] | None = None
         try:
-            mel = await loop.run_in_executor(self._mel_executor, self._window_mel, source, job)
-            words = await loop.run_in_executor(self._executor, self._job, job, mel)
+            mels = await self._batch_mels(batch)
+            results = await self._in_engine(jobs, mels)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            words = self._failed(source, exc)
-        elapsed = time.perf_counter() - started
-        self.stats.busy_s += elapsed
-        self._count_batch(1)
-        self._deliver(source, job, words, elapsed)
-
-    async def _execute_batch(self, batch: list[tuple[Source, Job]]) -> None:
-        """One engine run for many streams' jobs; a failed batch is retried job by job, so that
-        one bad window costs only its own stream's text."""
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        jobs = [job for _, job in batch]
-        mels: list | None = None
-        try:
-            mels = await self._batch_mels(batch)
-            results = await loop.run_in_executor(self._executor, self._batch, jobs, mels)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("a batch of %d jobs failed; running them one by one", len(batch))
-            alone = mels or [None] * len(batch)  # None: the engine computes the window's mel itself
-            results = [
-                await self._retry_alone(source, job, mel) for (source, job), mel in zip(batch, alone, strict=True)
-            ]
+            if len(batch) == 1:
+                results = [self._failed(batch[0][0], exc)]
+            else:
+                log.exception("a batch of %d jobs failed; running them one by one", len(batch))
+                alone = mels or [None] * len(batch)  # None: the engine computes the window's mel itself
+                results = [
+                    await self._retry_alone(source, job, mel) for (source, job), mel in zip(batch, alone, strict=True)
+                ]
         elapsed = time.perf_counter() - started
         self.stats.busy_s += elapsed
         self._count_batch(len(batch))
         for (source, job), words in zip(batch, results, strict=True):
             self._deliver(source, job, words, elapsed)
 
-    async def _retry_alone(self, source: Source, job: Job, mel) -> list[TimedWord]:
+    async def _in_engine(self, jobs: list[Job], mels: list[np.ndarray | None]) -> list[list[TimedWord]]:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_counted, jobs, mels)
+
+    async def _retry_alone(self, source: Source, job: Job, mel: np.ndarray | None) -> list[TimedWord]:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, self._job, job, mel)
+            return (await self._in_engine([job], [mel]))[0]
         except asyncio.CancelledError:
             raise
         except Exception as exc:

@@ -310,11 +310,11 @@ class Daemon:
     @property
     def devices(self) -> dict[str, str]:
         """The device that runs each stage for live streams: their mel frames are computed on the
-        CPU as audio arrives (``StreamingMel``), except on a batching backend, whose device
-        computes each batch's window mels itself."""
-        if self.scheduler.device_mel:
-            return dict(self.engine.devices)
-        return {**self.engine.devices, "mel": "cpu"}
+        CPU as audio arrives (``StreamingMel``), except on a backend that computes a window's mel
+        from its audio on its device (``Backend.mel_from_audio``)."""
+        if self.scheduler.mel_ahead:
+            return {**self.engine.devices, "mel": "cpu"}
+        return dict(self.engine.devices)
 
     def health(self) -> dict:
         stats = self.scheduler.stats
@@ -342,7 +342,7 @@ class Daemon:
                 "batches": stats.batches,
                 "last_batch": stats.last_batch,
                 "largest_batch": stats.largest_batch,
-                "batch_s": {k: round(v, 3) for k, v in getattr(self.engine, "batch_seconds", {}).items()},
+                "batch_s": {k: round(v, 3) for k, v in self.engine.batch_seconds.items()},
                 **({"device_memory": memory} if (memory := self.device_memory()) is not None else {}),
             },
         }
@@ -350,8 +350,7 @@ class Daemon:
     def device_memory(self) -> dict[str, int] | None:
         """The backend's device-memory report (the cuda backend: decoder state per stream and in
         all, the allocator's counters on a GPU); ``None`` where the backend keeps no device state."""
-        report = getattr(self.engine.backend, "memory_report", None) if hasattr(self.engine, "backend") else None
-        return report() if callable(report) else None
+        return self.engine.backend.memory_report() or None
 
     @staticmethod
     def _load_page() -> bytes | None:
@@ -628,12 +627,10 @@ class Daemon:
         while source.stream.buffered > self.config.max_buffer_s:
             await source.wait_progress()  # the engine is behind: stop reading, push back
         rejected = source.stream.vad_rejected
-        source.feed(samples)
+        self.scheduler.feed(source, samples)
         if source.stream.vad_rejected > rejected:
             self.metrics.vad_rejected.inc(source.stream.vad_rejected - rejected)
-        self.scheduler.push_audio(source)
         self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / 16000)
-        self.scheduler.wake()
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Raw ingest: s16le 16 kHz mono in, the same messages as newline-delimited JSON out."""

@@ -268,7 +268,7 @@ def serve_main(args: argparse.Namespace) -> int:
         print(f"streamd: {e}", file=sys.stderr)
         return 1
     _limit_torch_threads(int(values["threads"]))
-    if getattr(engine.backend, "supports_batching", False):
+    if engine.backend.max_batch > 1:
         # Every tensor call of the engine thread releases the GIL; with hundreds of streams the
         # event loop then holds it for up to the switch interval (5 ms) before the engine gets it
         # back, thousands of times per batch. A shorter slice bounds that wait.

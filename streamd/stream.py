@@ -1,7 +1,8 @@
 """One live stream's state, sans I/O: audio in, decode jobs out, hypotheses in, captions out.
 
 The asyncio server is a shell around this: it feeds audio, runs the jobs this object asks for
-on the shared engine (off the event loop), hands the results back, and sends the events.
+on the shared engine (off the event loop, through :mod:`streamd.jobs`), hands the results back,
+and sends the events. Nothing here imports the engine, the event loop or a socket.
 
     stream = Stream()
     events = stream.feed(samples)          # VAD changes
@@ -18,7 +19,7 @@ import numpy as np
 from .policy import LocalAgreement, TimedWord
 from .vad import VadConfig, VadGate
 
-__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange", "run_job", "run_jobs"]
+__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange"]
 
 SAMPLE_RATE = 16000
 HOP = 160  # mel frame hop: windows start on one, so a stream's mel frames can be reused
@@ -355,38 +356,3 @@ def _drop_unheard_repeats(words: list[TimedWord]) -> list[TimedWord]:
                 if (copy[-1].end - copy[0].start) / k < UNHEARD_WORD_S:
                     return _drop_unheard_repeats(words[: i + k] + words[i + 2 * k :])
     return words
-
-
-def _tokens(tok, job: Job) -> tuple[list[int], list[int]]:
-    """A job's prompt and forced prefix as tokens."""
-    prompt = tok.encode(" " + job.prompt.strip()) if job.prompt.strip() else []
-    prefix = tok.encode(job.prefix) if job.prefix else []
-    return prompt, prefix
-
-
-def _stream_words(job: Job, words) -> list[TimedWord]:
-    """Window-relative words as stream times."""
-    return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.probability) for w in words]
-
-
-def run_job(engine, job: Job, mel: np.ndarray | None = None) -> list[TimedWord]:
-    """Decode a job's window on ``engine`` after its committed prefix: greedy, word timestamps,
-    no temperature fallback (it would cost latency on exactly the windows that are late).
-    ``mel``: the window's mel if it was computed ahead (see ``Engine.window_padding``)."""
-    prompt, prefix = _tokens(engine.tokenizer, job)
-    words = engine.continue_window(job.audio, prompt, prefix, min_frames=round(job.min_window_s * 100), mel=mel)
-    return _stream_words(job, words)
-
-
-def run_jobs(engine, jobs: list[Job], mels: list[np.ndarray | None]) -> list[list[TimedWord]]:
-    """:func:`run_job` for the jobs of many streams as one batch (``Engine.continue_windows``):
-    on a batching backend their windows share one encoder launch and their decoder steps one
-    launch per step."""
-    from whisper_engine.engine import WindowRequest
-
-    requests = []
-    for job, mel in zip(jobs, mels, strict=True):
-        prompt, prefix = _tokens(engine.tokenizer, job)
-        requests.append(WindowRequest(job.audio, prompt, prefix, round(job.min_window_s * 100), mel))
-    results = engine.continue_windows(requests)
-    return [_stream_words(job, words) for job, words in zip(jobs, results, strict=True)]

@@ -33,7 +33,9 @@ from streamd.scheduler import Scheduler  # noqa: E402
 from streamd.server import Daemon, ServerConfig  # noqa: E402
 from streamd.service import ConfigError, add_serve_args, settings  # noqa: E402
 from streamd.stream import Job  # noqa: E402
-from whisper_engine.backends.cuda import CudaBackend, GreedyRules, TorchFeatures  # noqa: E402
+from whisper_engine.backend import Backend  # noqa: E402
+from whisper_engine.backends.cuda import CudaBackend, TorchFeatures  # noqa: E402
+from whisper_engine.decoding import GreedyRules  # noqa: E402
 from whisper_engine.engine import Engine, WindowRequest  # noqa: E402
 from whisper_engine.timing import alignment_matrix, alignment_tokens  # noqa: E402
 
@@ -83,8 +85,34 @@ def requests(engine) -> list[WindowRequest]:
     ]
 
 
+class _OneWindowAtATime(Backend):
+    """A backend seen through the one-window interface only: the engine then decodes each window
+    with :func:`whisper_engine.decoding.decode`, as on the CPU."""
+
+    def __init__(self, inner: Backend) -> None:
+        super().__init__(inner.weights)
+        self.inner = inner
+
+    @property
+    def devices(self) -> dict[str, str]:
+        return self.inner.devices
+
+    def log_mel(self, audio, padding=0):
+        return self.inner.log_mel(audio, padding)
+
+    def encode(self, mel):
+        return self.inner.encode(mel)
+
+    def decoder(self, features, batch_size=1):
+        return self.inner.decoder(features, batch_size)
+
+    def alignment(self, features, tokens):
+        return self.inner.alignment(features, tokens)
+
+
 def test_batched_windows_equal_each_window_decoded_alone(torch_engine, requests):
-    alone = [torch_engine.continue_window(r.audio, r.prompt, r.prefix, r.min_frames) for r in requests]
+    one_at_a_time = Engine(torch_engine.weights, _OneWindowAtATime(torch_engine.backend), torch_engine.tokenizer)
+    alone = one_at_a_time.continue_windows(requests)
     batched = torch_engine.continue_windows(requests)
     assert len(batched) == len(requests)
     assert batched[-1] == [] and alone[-1] == []  # under two mel frames: nothing to decode
@@ -107,16 +135,14 @@ def test_batched_rows_stop_where_the_loop_guard_says(torch_engine):
     mel = backend.log_mel(jfk, padding=16000)[:, :900]
     features = backend.encode_batch([mel, mel])
     prompt = GreedyRules.initial_tokens(tok)
-    full = backend.decode_greedy_batch(features, [prompt, prompt], 40, rules=rules, return_scores=True)
+    full = backend.decode_greedy_batch(features, [prompt, prompt], 40, rules=rules)
     seen: list[tuple[int, int]] = []
 
     def looping(row: int, tokens: list[int]) -> bool:
         seen.append((row, len(tokens)))
         return row == 1 and len(tokens) == 5
 
-    guarded = backend.decode_greedy_batch(
-        features, [prompt, prompt], 40, rules=rules, return_scores=True, looping=looping
-    )
+    guarded = backend.decode_greedy_batch(features, [prompt, prompt], 40, rules=rules, looping=looping)
     assert guarded[0].tokens == full[0].tokens and not guarded[0].looped
     assert guarded[1].tokens == full[1].tokens[:5] and guarded[1].looped
     assert guarded[1].token_logprobs == pytest.approx(full[1].token_logprobs[:5])
@@ -211,20 +237,20 @@ class _Owner:
 
 
 async def test_a_failed_batch_is_retried_job_by_job_and_only_the_bad_job_errs():
-    def run_batch(engine, jobs, mels):
-        raise RuntimeError("batch failed")
-
-    def run(engine, job, mel):
-        if job.prefix == "bad":
+    def run(engine, jobs, mels):
+        if len(jobs) > 1:
+            raise RuntimeError("batch failed")
+        if jobs[0].prefix == "bad":
             raise ValueError("bad window")
-        return [TimedWord(" hello", job.offset, job.offset + 0.5, 0.9)]
+        return [[TimedWord(" hello", jobs[0].offset, jobs[0].offset + 0.5, 0.9)]]
 
-    scheduler = Scheduler(SimpleNamespace(backend=SimpleNamespace(supports_batching=True)), run, 1, 8, run_batch)
+    batching = SimpleNamespace(backend=SimpleNamespace(max_batch=256, mel_from_audio=True))
+    scheduler = Scheduler(batching, workers=1, max_batch=8, run=run)
     sources = [Source(f"s{i}", "ws", {}, set()) for i in range(2)]
     for source in sources:
         source.owner = _Owner()
     jobs = [Job(np.zeros(16000, np.float32), 0.0, "", "", True), Job(np.zeros(16000, np.float32), 0.0, "", "bad", True)]
-    await scheduler._execute_batch(list(zip(sources, jobs, strict=True)))
+    await scheduler._execute(list(zip(sources, jobs, strict=True)))
     good, bad = (s.owner.messages for s in sources)
     assert [m["text"] for m in good if m["type"] == "final"] == ["hello"]
     assert [m["code"] for m in bad if m["type"] == "error"] == ["engine_error"]

@@ -14,8 +14,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from streamd.audio import load_audio  # noqa: E402
-from whisper_engine.backends.cuda import CudaBackend, GreedyRules  # noqa: E402
-from whisper_engine.decoding import DecodingOptions, decode  # noqa: E402
+from whisper_engine.backends.cuda import CudaBackend  # noqa: E402
+from whisper_engine.decoding import DecodingOptions, GreedyRules, decode  # noqa: E402
 from whisper_engine.engine import Engine  # noqa: E402
 from whisper_engine.transcribe import TranscribeOptions, transcribe  # noqa: E402
 
@@ -191,7 +191,7 @@ def test_decode_greedy_batch_equals_decoding_each_window_alone(engine, backend, 
     tok, w = engine.tokenizer, engine.weights
     features = backend.encode_batch(mels)
     prompts, prefixed, options = _requests(tok, len(mels))
-    batched = backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed, return_scores=True)
+    batched = backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed)
     assert backend._state is not None and backend._state.capacity == 4  # one batch bucket, one launch per step
     for f, opts, got in zip(features, options, batched, strict=True):
         alone = decode(backend, f, tok, opts, w.suppress_tokens, w.suppress_tokens_begin)
@@ -206,9 +206,14 @@ def test_decode_greedy_batch_equals_decoding_each_window_alone(engine, backend, 
 def test_decode_greedy_batch_rows_keep_their_own_limits(engine, backend, mels, rules):
     features = backend.encode_batch(mels[:3])
     prompts, prefixed, _ = _requests(engine.tokenizer, 3)
-    full = backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed)
-    cut = backend.decode_greedy_batch(features, prompts, [40, 3, 40], rules=rules, prefixed=prefixed)
-    alone = backend.decode_greedy_batch(features[1:2], prompts[1:2], 3, rules=rules, prefixed=prefixed[1:2])
+
+    def tokens(max_tokens, rows=slice(None)):
+        found = backend.decode_greedy_batch(
+            features[rows], prompts[rows], max_tokens, rules=rules, prefixed=prefixed[rows]
+        )
+        return [r.tokens for r in found]
+
+    full, cut, alone = tokens(40), tokens([40, 3, 40]), tokens(3, slice(1, 2))
     assert cut[0] == full[0] and cut[2] == full[2]
     assert cut[1] == full[1][:3] == alone[0]
 
@@ -254,7 +259,7 @@ def test_fp16_gpu_greedy_mostly_agrees_with_float32(engine, backend, gpu_backend
     prompts, prefixed, _ = _requests(engine.tokenizer, len(mels))
     gpu = gpu_backend.decode_greedy_batch(gpu_backend.encode_batch(mels), prompts, 40, rules=rules, prefixed=prefixed)
     cpu = backend.decode_greedy_batch(backend.encode_batch(mels), prompts, 40, rules=rules, prefixed=prefixed)
-    assert sum(g == c for g, c in zip(gpu, cpu, strict=True)) >= len(mels) - 1
+    assert sum(g.tokens == c.tokens for g, c in zip(gpu, cpu, strict=True)) >= len(mels) - 1
 
 
 @pytest.mark.gpu

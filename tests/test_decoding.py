@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamd.audio import load_audio
-from whisper_engine.decoding import DecodingOptions, _loop_start, _Rules, compression_ratio, decode
+from whisper_engine.decoding import DecodingOptions, LogitRules, compression_ratio, decode, loop_start
 from whisper_engine.mel import N_SAMPLES
 
 
@@ -20,7 +20,7 @@ def jfk_window(engine, jfk):
 def _rules(engine, sample_begin=1, **kw):
     tok = engine.tokenizer
     opts = DecodingOptions(**kw)
-    return _Rules(tok, opts, engine.weights.suppress_tokens, sample_begin=sample_begin), tok
+    return LogitRules(tok, opts, engine.weights.suppress_tokens, sample_begin=sample_begin), tok
 
 
 def test_first_token_must_be_an_early_timestamp(engine):
@@ -84,20 +84,20 @@ def test_loop_detection_finds_where_the_repeat_starts():
     ts = 50363
     a = [10, 11, 12, 13, 14]
     seq = [1, ts, *a, 10, 11, 12, 13]
-    assert _loop_start(seq, 1, 1, ts) == 7
-    assert _loop_start([1, ts, *a, 99, 98], 1, 1, ts) is None
+    assert loop_start(seq, 1, 1, ts) == 7
+    assert loop_start([1, ts, *a, 99, 98], 1, 1, ts) is None
     run = list(range(100, 108))
-    assert _loop_start([1, *run, 5, *run], 1, 1, ts) == 10
-    assert _loop_start([1, 7, 8, 30, 31, 32, 30, 31, 32], 1, 1, ts) == 6  # a phrase said twice
-    assert _loop_start([1, 7, 8, 30, 31, 30, 31], 1, 1, ts) is None  # two tokens twice: speech does that
+    assert loop_start([1, *run, 5, *run], 1, 1, ts) == 10
+    assert loop_start([1, 7, 8, 30, 31, 32, 30, 31, 32], 1, 1, ts) == 6  # a phrase said twice
+    assert loop_start([1, 7, 8, 30, 31, 30, 31], 1, 1, ts) is None  # two tokens twice: speech does that
 
 
 def test_a_restart_of_the_forced_prefix_is_a_loop_cut_after_the_prefix():
     ts = 50363
     prefix = [10, 11, 12, 13]
     seq = [1, *prefix, 20, 10, 11, 12, 13]  # sampled: 20, then the prefix again
-    assert _loop_start(seq, 1, 5, ts) == 6
-    assert _loop_start([1, *prefix, 10, 11, 12, 13], 1, 5, ts) == 5  # all sampled text is the loop
+    assert loop_start(seq, 1, 5, ts) == 6
+    assert loop_start([1, *prefix, 10, 11, 12, 13], 1, 5, ts) == 5  # all sampled text is the loop
 
 
 def test_compression_ratio_flags_repetition():

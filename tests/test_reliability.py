@@ -87,9 +87,9 @@ async def test_a_stopped_streams_last_final_is_not_starved_by_newer_streams():
     """A busy engine (each decode 50 ms) and a new stopped stream with a 2 s tail every 40 ms: the
     first stream, with a 0.4 s tail, should be decoded in its turn, not after all of them."""
 
-    def run(engine, job, mel):
+    def run(engine, jobs, mels):
         time.sleep(0.05)
-        return []
+        return [[] for _ in jobs]
 
     def stopped(name: str, seconds: float) -> Source:
         source = Source(name, "websocket", {}, set())
@@ -97,8 +97,8 @@ async def test_a_stopped_streams_last_final_is_not_starved_by_newer_streams():
         source.finish()  # its final job is pending
         return source
 
-    scheduler = Scheduler(SimpleNamespace(backend=None), run, workers=1)
-    scheduler._window_mel = lambda source, job: None  # the fake engine needs no mel
+    # A fake engine whose backend would compute window mels itself: no mel thread work.
+    scheduler = Scheduler(SimpleNamespace(backend=SimpleNamespace(max_batch=1, mel_from_audio=True)), run=run)
     scheduler.start()
     try:
         first = stopped("first", 0.4)
@@ -312,7 +312,11 @@ class FaultyEngine(Engine):
         hop = 160  # windows start on a mel hop of the stream
         self._offsets = {audio[k : k + 800].tobytes(): k for k in range(0, len(audio) - 800, hop)}
 
-    def continue_window(self, audio, prompt, prefix, min_frames=None, mel=None):
+    def continue_windows(self, requests):
+        return [self._one(r) for r in requests]
+
+    def _one(self, request):
+        audio = request.audio
         source = self.sources.get(self._target)
         start = self._offsets.get(np.asarray(audio[:800], np.float32).tobytes())
         end_s = None if start is None else (start + len(audio)) / 16000
@@ -321,7 +325,7 @@ class FaultyEngine(Engine):
         partial = source is not None and not source.stream.final_pending
         self.fault.armed.at = end_s if (end_s is not None and end_s >= self._after and partial) else None
         try:
-            return super().continue_window(audio, prompt, prefix, min_frames, mel)
+            return super().continue_windows([request])[0]
         finally:
             self.fault.armed.at = None
 

@@ -10,8 +10,9 @@ import pytest
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
+from streamd.jobs import run_job
 from streamd.policy import LocalAgreement, TimedWord
-from streamd.stream import Final, Partial, Stream, VadChange, run_job
+from streamd.stream import Final, Partial, Stream, VadChange
 
 from .conftest import reference
 

@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backend import Backend, DecoderSession
 from .tokenizer import WhisperTokenizer
+from .weights import WhisperWeights
 
-__all__ = ["TIME_PRECISION", "DecodingOptions", "DecodingResult", "compression_ratio", "decode"]
+__all__ = [
+    "TIME_PRECISION",
+    "DecodingOptions",
+    "DecodingResult",
+    "GreedyRules",
+    "LogitRules",
+    "compression_ratio",
+    "decode",
+    "initial_tokens",
+    "loop_start",
+    "suppress_list",
+]
 
 TIME_PRECISION = 0.02  # seconds per timestamp token
 
@@ -38,7 +50,7 @@ class DecodingOptions:
     suppress_blank: bool = True
     suppress_tokens: tuple[int, ...] | None = None  # None: the model's list (or non-speech symbols)
     language: str | None = "en"
-    loop_guard: bool = False  # stop a hypothesis that starts over or repeats itself (see _loop_start)
+    loop_guard: bool = False  # stop a hypothesis that starts over or repeats itself (see loop_start)
 
 
 @dataclass
@@ -66,7 +78,7 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return y - np.log(np.exp(y).sum(axis=-1, keepdims=True))
 
 
-class _Rules:
+class LogitRules:
     """Logit masks applied before each token choice."""
 
     def __init__(
@@ -131,7 +143,7 @@ class _Rules:
         logits[ts_mass > max_text, :ts] = neg
 
 
-def _initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: int) -> tuple[list[int], int, int]:
+def initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: int) -> tuple[list[int], int, int]:
     """Prompt + start-of-transcript sequence + prefix; returns the tokens, the index of <|sot|>
     and the index where the transcript's text (the prefix, if any) begins."""
     tokens: list[int] = []
@@ -147,7 +159,7 @@ def _initial_tokens(tok: WhisperTokenizer, opts: DecodingOptions, n_text_ctx: in
     return tokens, sot_index, text_index
 
 
-def _suppress_list(tok: WhisperTokenizer, opts: DecodingOptions, model_list: list[int]) -> list[int]:
+def suppress_list(tok: WhisperTokenizer, opts: DecodingOptions, model_list: list[int]) -> list[int]:
     base = list(opts.suppress_tokens) if opts.suppress_tokens is not None else (model_list or tok.non_speech_tokens)
     specials = [tok.sot, tok.sot_prev, tok.no_speech]
     for name in ("<|transcribe|>", "<|translate|>", "<|startoflm|>"):
@@ -156,12 +168,45 @@ def _suppress_list(tok: WhisperTokenizer, opts: DecodingOptions, model_list: lis
     return [t for t in [*base, *specials] if t >= 0]
 
 
+@dataclass(frozen=True)
+class GreedyRules:
+    """The tokens greedy decoding without timestamps (the streaming mode) masks, for a device to
+    turn into its masks.
+
+    Built from this module's own rules by :meth:`from_tokenizer`, so a batched decoder
+    (:meth:`whisper_engine.backend.BatchedBackend.decode_greedy_batch`) masks exactly what
+    :func:`decode` masks with ``without_timestamps=True``.
+    """
+
+    eot: int
+    sot: int
+    no_speech: int
+    suppress: tuple[int, ...]  # masked at every step (timestamps included)
+    begin_suppress: tuple[int, ...]  # also masked at the first step of a row without a prefix
+
+    @classmethod
+    def from_tokenizer(cls, tok: WhisperTokenizer, weights: WhisperWeights) -> GreedyRules:
+        opts = DecodingOptions(without_timestamps=True)
+        suppress_tokens = suppress_list(tok, opts, weights.suppress_tokens)
+        rules = LogitRules(tok, opts, suppress_tokens, 0, weights.suppress_tokens_begin)
+        suppress = sorted({*rules.suppress.tolist(), *range(tok.timestamp_begin, weights.dims.n_vocab)})
+        return cls(tok.eot, tok.sot, tok.no_speech, tuple(suppress), tuple(rules.begin_suppress.tolist()))
+
+    @staticmethod
+    def initial_tokens(
+        tok: WhisperTokenizer, prompt: Sequence[int] = (), prefix: Sequence[int] = (), n_text_ctx: int = 448
+    ) -> list[int]:
+        """``<|startofprev|> prompt <|sot|>... <|notimestamps|> prefix``, as decoding builds it."""
+        opts = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix))
+        return initial_tokens(tok, opts, n_text_ctx)[0]
+
+
 RESTART_NGRAM = 4
 REPEAT_NGRAM = 8
 SHORT_REPEAT_MIN = 3
 
 
-def _loop_start(seq: list[int], text_begin: int, sample_begin: int, ts_begin: int) -> int | None:
+def loop_start(seq: list[int], text_begin: int, sample_begin: int, ts_begin: int) -> int | None:
     """Index in ``seq`` where a loop's first repeated copy begins, or ``None``.
 
     A hypothesis loops when its text starts over (its last 4 text tokens are its first 4),
@@ -202,11 +247,11 @@ def decode(
 ) -> DecodingResult:
     """Decode one window of encoded audio and return the best hypothesis."""
     n_text_ctx = backend.dims.n_text_ctx
-    initial, sot_index, text_begin = _initial_tokens(tok, opts, n_text_ctx)
+    initial, sot_index, text_begin = initial_tokens(tok, opts, n_text_ctx)
     sample_begin = len(initial)
     sample_len = opts.sample_len or n_text_ctx // 2
     sample_len = min(sample_len, n_text_ctx - sample_begin)
-    rules = _Rules(tok, opts, _suppress_list(tok, opts, model_suppress or []), sample_begin, model_suppress_begin)
+    rules = LogitRules(tok, opts, suppress_list(tok, opts, model_suppress or []), sample_begin, model_suppress_begin)
 
     beam = opts.beam_size > 1 and opts.temperature == 0
     n_rows = opts.beam_size if beam else (opts.best_of if opts.temperature > 0 else 1)
@@ -218,14 +263,14 @@ def decode(
     logits = logits[:, 1]
 
     def looping(seq: list[int]) -> bool:
-        return _loop_start(seq, text_begin, sample_begin, tok.timestamp_begin) is not None
+        return loop_start(seq, text_begin, sample_begin, tok.timestamp_begin) is not None
 
     search = _Search(session, rules, opts, initial, sample_len, tok.eot, looping if opts.loop_guard else None)
     best = _beam_search(search, logits) if beam else _sample(search, logits, rng)
     tokens, sum_logprob, token_logprobs, looped = best
     if looped:
         # Keep what came before the loop; close it at the end of the window.
-        cut = _loop_start(tokens, text_begin, sample_begin, tok.timestamp_begin) or len(tokens)
+        cut = loop_start(tokens, text_begin, sample_begin, tok.timestamp_begin) or len(tokens)
         tokens = tokens[:cut]
         token_logprobs = token_logprobs[: cut - sample_begin]
         sum_logprob = float(sum(token_logprobs))
@@ -253,7 +298,7 @@ class _Search:
     """What a search loop needs besides the logits: the cached decoder, the masks, the limits."""
 
     session: DecoderSession
-    rules: _Rules
+    rules: LogitRules
     opts: DecodingOptions
     initial: list[int]
     sample_len: int

@@ -13,13 +13,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .backend import STAGES, Backend
+from .backend import STAGES, Backend, BatchedBackend, GreedyResult
 from .backends import create_backend
-from .decoding import DecodingOptions, DecodingResult, _initial_tokens, _loop_start, compression_ratio, decode
+from .decoding import DecodingOptions, DecodingResult, compression_ratio, decode, initial_tokens, loop_start
 from .guard import WindowGuard
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
 from .timing import WordTiming, alignment_tokens, find_alignment, merge_punctuations, words_from_matrix
@@ -245,13 +244,15 @@ class Engine:
         mel: np.ndarray | None = None,
     ) -> list[WordTiming]:
         """Decode ``audio`` (at most 30 s) after a forced ``prefix`` of tokens already known for
-        its start; return the timed words that follow the prefix (times relative to the audio).
+        its start; return the timed words that follow the prefix (times relative to the audio):
+        :meth:`continue_windows` of a batch of one."""
+        return self.continue_windows([WindowRequest(audio, prompt, prefix, min_frames, mel)])[0]
 
-        For streaming: the prefix goes through the decoder in one batched pass, so an update
-        costs decoder steps only for the new words. No timestamps are decoded (word times come
-        from the alignment heads); a loop is cut where it starts. ``mel``, when given, is the
-        window's mel computed ahead: ``audio`` followed by :meth:`window_padding` zeros.
-        """
+    def _continue_one(self, request: WindowRequest) -> list[WordTiming]:
+        """One window on a backend that takes one at a time: decoding's own search, greedy."""
+        audio, prompt, prefix, min_frames, mel = (
+            request.audio, request.prompt, request.prefix, request.min_frames, request.mel
+        )  # fmt: skip
         num_frames = min(len(audio) // HOP_LENGTH, N_FRAMES)
         if num_frames < 2:
             return []
@@ -271,19 +272,25 @@ class Engine:
         return _after_prefix(words, len(prefix))
 
     def continue_windows(self, requests: Sequence[WindowRequest]) -> list[list[WordTiming]]:
-        """:meth:`continue_window` for many windows (of different streams) at once, on a backend
-        that batches (``backend.supports_batching``): one ``encode_batch`` for every window, one
-        ``decode_greedy_batch`` for all their decoder steps (each row after its own prompt and
-        forced prefix), one ``alignment_matrix_batch`` for their word timings. Row ``i`` gets what
-        ``continue_window`` gives it alone on the same backend, up to floating-point ties: the
-        batched decoder works in float32 where decoding's masks and scores are float64, and batch
-        shapes round differently (``tests/test_batching.py`` checks equality on dev speech).
+        """Decode each window after its forced prefix (streaming); row ``i``: the timed words that
+        follow request ``i``'s prefix, times relative to its audio.
 
-        Elsewhere the windows run one after another through :meth:`continue_window`.
+        The prefix goes through the decoder in one pass, so an update costs decoder steps only
+        for the new words. No timestamps are decoded (word times come from the alignment heads);
+        a loop is cut where it starts. A request's ``mel``, when given, is its window's mel
+        computed ahead: its audio followed by :meth:`window_padding` zeros.
+
+        On a :class:`~whisper_engine.backend.BatchedBackend` the windows (of different streams)
+        run together: one encoder launch for every window, one ``decode_greedy_batch`` for all
+        their decoder steps, one ``alignment_matrix_batch`` for their word timings. Row ``i`` gets
+        what it gets in a batch of one, up to floating-point ties: the batched decoder works in
+        float32 where decoding's masks and scores are float64, and batch shapes round differently
+        (``tests/test_batching.py`` checks equality on dev speech). Any other backend runs them one
+        after another, through :func:`~whisper_engine.decoding.decode`.
         """
-        if not self.backend.supports_batching:
-            return [self.continue_window(r.audio, r.prompt, r.prefix, r.min_frames, r.mel) for r in requests]
-        backend: Any = self.backend
+        backend = self.backend
+        if not isinstance(backend, BatchedBackend):
+            return [self._continue_one(r) for r in requests]
         out: list[list[WordTiming]] = [[] for _ in requests]
         rows = [i for i, r in enumerate(requests) if min(len(r.audio) // HOP_LENGTH, N_FRAMES) >= 2]
         if not rows:
@@ -312,12 +319,12 @@ class Engine:
         tok = self.tokenizer
         n_text_ctx = self.weights.dims.n_text_ctx
         starts = [
-            _initial_tokens(tok, _stream_options(requests[i].prompt, requests[i].prefix), n_text_ctx) for i in rows
+            initial_tokens(tok, _stream_options(requests[i].prompt, requests[i].prefix), n_text_ctx) for i in rows
         ]
 
         def looping(row: int, generated: list[int]) -> bool:
             initial, _, text_begin = starts[row]
-            return _loop_start([*initial, *generated], text_begin, len(initial), tok.timestamp_begin) is not None
+            return loop_start([*initial, *generated], text_begin, len(initial), tok.timestamp_begin) is not None
 
         results = backend.decode_greedy_batch(
             features,
@@ -325,7 +332,6 @@ class Engine:
             [min(n_text_ctx // 2, n_text_ctx - len(initial)) for initial, _, _ in starts],
             rules=backend.greedy_rules(tok),
             prefixed=[bool(requests[i].prefix) for i in rows],
-            return_scores=True,
             looping=looping,
         )
         marks.append(time.perf_counter())
@@ -372,7 +378,7 @@ def _stream_options(prompt: Sequence[int], prefix: Sequence[int]) -> DecodingOpt
     return DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix), loop_guard=True)
 
 
-def _greedy_result(tok: WhisperTokenizer, greedy: Any, start: tuple[list[int], int, int]) -> DecodingResult:
+def _greedy_result(tok: WhisperTokenizer, greedy: GreedyResult, start: tuple[list[int], int, int]) -> DecodingResult:
     """A batched decoder's row as :func:`whisper_engine.decoding.decode` reports it: a looping row is cut
     where its loop starts, as decode cuts it."""
     initial, _, text_begin = start
@@ -380,7 +386,7 @@ def _greedy_result(tok: WhisperTokenizer, greedy: Any, start: tuple[list[int], i
     sum_logprob = greedy.sum_logprob
     if greedy.looped:
         seq = [*initial, *tokens]
-        cut = _loop_start(seq, text_begin, len(initial), tok.timestamp_begin) or len(seq)
+        cut = loop_start(seq, text_begin, len(initial), tok.timestamp_begin) or len(seq)
         tokens = seq[len(initial) : cut]
         logprobs = logprobs[: cut - len(initial)]
         sum_logprob = float(sum(logprobs))

@@ -5,7 +5,7 @@ any even length, tanh GELU in the encoder and exact GELU in the decoder), run wi
 a GPU or float32 on torch's CPU device (which is how CI checks it against numpy). The mel front end
 runs on the same device; attention is ``scaled_dot_product_attention``.
 
-Besides the one-window :class:`~whisper_engine.backend.Backend` interface, two batched entry points serve
+Besides the one-window :class:`~whisper_engine.backend.Backend` interface, batched entry points serve
 hundreds of live streams from one GPU:
 
 - :meth:`CudaBackend.encode_batch` encodes windows of different lengths together, padded to
@@ -18,8 +18,8 @@ hundreds of live streams from one GPU:
 - :meth:`CudaBackend.alignment_batch` runs the word-timing pass of many windows in one launch, and
   :meth:`CudaBackend.alignment_matrix_batch` also reduces its scores to DTW costs there.
 
-:attr:`CudaBackend.supports_batching` tells the engine (``Engine.continue_windows``) and the
-daemon's scheduler to send it many streams' windows at once.
+It is a :class:`~whisper_engine.backend.BatchedBackend`: the engine (``Engine.continue_windows``)
+and the daemon's scheduler send it many streams' windows at once, and it computes their mels.
 """
 
 from __future__ import annotations
@@ -29,18 +29,19 @@ import math
 import os
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..backend import STAGES, Backend, DecoderSession
+from ..backend import STAGES, BatchedBackend, DecoderSession, GreedyResult
+from ..decoding import GreedyRules
 from ..mel import HOP_LENGTH, N_FFT, mel_filters
 from ..tokenizer import WhisperTokenizer
 from ..weights import WhisperWeights
 
-__all__ = ["CudaBackend", "GreedyResult", "GreedyRules", "TorchFeatures", "device_label"]
+__all__ = ["CudaBackend", "TorchFeatures", "device_label"]
 
 Tensor = torch.Tensor
 
@@ -68,49 +69,6 @@ class TorchFeatures:
 
     x: Tensor  # [T_audio, d]
     cross: tuple[list[Tensor], list[Tensor]] | None = None  # per layer [1, H, T_audio, dh]
-
-
-@dataclass(frozen=True)
-class GreedyRules:
-    """Token masks of greedy decoding without timestamps (the streaming mode), as device masks.
-
-    Built from :mod:`whisper_engine.decoding`'s own rules by :meth:`from_tokenizer`, so the batched decoder
-    masks exactly what :func:`whisper_engine.decoding.decode` masks with ``without_timestamps=True``.
-    """
-
-    eot: int
-    sot: int
-    no_speech: int
-    suppress: tuple[int, ...]  # masked at every step (timestamps included)
-    begin_suppress: tuple[int, ...]  # also masked at the first step of a row without a prefix
-
-    @classmethod
-    def from_tokenizer(cls, tok: WhisperTokenizer, weights: WhisperWeights) -> GreedyRules:
-        from ..decoding import DecodingOptions, _Rules, _suppress_list
-
-        opts = DecodingOptions(without_timestamps=True)
-        rules = _Rules(tok, opts, _suppress_list(tok, opts, weights.suppress_tokens), 0, weights.suppress_tokens_begin)
-        suppress = sorted({*rules.suppress.tolist(), *range(tok.timestamp_begin, weights.dims.n_vocab)})
-        return cls(tok.eot, tok.sot, tok.no_speech, tuple(suppress), tuple(rules.begin_suppress.tolist()))
-
-    @staticmethod
-    def initial_tokens(
-        tok: WhisperTokenizer, prompt: Sequence[int] = (), prefix: Sequence[int] = (), n_text_ctx: int = 448
-    ) -> list[int]:
-        """``<|startofprev|> prompt <|sot|>... <|notimestamps|> prefix``, as decoding builds it."""
-        from ..decoding import DecodingOptions, _initial_tokens
-
-        opts = DecodingOptions(without_timestamps=True, prompt=tuple(prompt), prefix=tuple(prefix))
-        return _initial_tokens(tok, opts, n_text_ctx)[0]
-
-
-@dataclass
-class GreedyResult:
-    tokens: list[int]  # without eot
-    sum_logprob: float  # over token_logprobs
-    no_speech_prob: float  # NaN when the prompt holds no <|startoftranscript|>
-    token_logprobs: list[float] = field(default_factory=list)  # each chosen token's, eot included if chosen
-    looped: bool = False  # the loop guard stopped this row (its last token starts or completes a loop)
 
 
 class _Session(DecoderSession):
@@ -241,12 +199,12 @@ class _RowWatch:
         return stopped
 
 
-class CudaBackend(Backend):
+class CudaBackend(BatchedBackend):
     """Whisper in torch on one device: fp16 on CUDA, float32 elsewhere (CI checks it on CPU)."""
 
     name = "cuda"
-    #: Windows of many streams go through :meth:`encode_batch` / :meth:`decode_greedy_batch` together.
-    supports_batching = True
+    #: A batch's window mels are one STFT launch on the device (the host computes no mel frames).
+    mel_from_audio = True
     #: Batch sizes the greedy decoder's state and CUDA graphs are built for.
     batch_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
     #: Cross-attention lengths (encoder positions; 50 per second) a decoder step is built for.
@@ -786,9 +744,8 @@ class CudaBackend(Backend):
         *,
         rules: GreedyRules,
         prefixed: Sequence[bool] | None = None,
-        return_scores: bool = False,
         looping: Callable[[int, list[int]], bool] | None = None,
-    ) -> list[list[int]] | list[GreedyResult]:
+    ) -> list[GreedyResult]:
         """Greedy-decode many windows together; row ``i`` decodes ``features_list[i]`` after
         ``prompts[i]`` (its full initial tokens, see :meth:`GreedyRules.initial_tokens`).
 
@@ -798,8 +755,7 @@ class CudaBackend(Backend):
         is decoding's loop guard: asked after each new non-eot token of row ``i`` (``tokens``: the
         row's generated tokens so far), ``True`` stops the row there (:attr:`GreedyResult.looped`).
         Tokens reach the host only every :attr:`done_check_every` steps, so a looping row runs at
-        most that many steps past its loop, and those tokens are dropped. Returns each row's tokens
-        without eot, or :class:`GreedyResult` with ``return_scores``.
+        most that many steps past its loop, and those tokens are dropped.
         """
         if len(features_list) != len(prompts):
             raise ValueError(f"{len(features_list)} windows but {len(prompts)} prompts")
@@ -812,7 +768,7 @@ class CudaBackend(Backend):
                 part = slice(first, first + chunk)
                 guard = None if looping is None else (lambda row, toks, first=first: looping(first + row, toks))
                 results += self._greedy(features_list[part], prompts[part], limits[part], prefixed[part], rules, guard)
-        return results if return_scores else [r.tokens for r in results]
+        return results
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """Graph capture and replay use the current CUDA device: make it this backend's."""
