@@ -13,7 +13,7 @@ from .stream import Job
 from .vad import detector_cpu_seconds
 
 if TYPE_CHECKING:
-    from .server import Daemon
+    from .status import Status
 
 __all__ = ["Metrics"]
 
@@ -23,9 +23,9 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
 class Metrics:
-    def __init__(self, daemon: Daemon) -> None:
+    def __init__(self, status: Status) -> None:
         r = self.registry = CollectorRegistry()
-        hub, scheduler = daemon.hub, daemon.scheduler
+        hub, scheduler = status.hub, status.scheduler
         Gauge("streamd_streams", "Live audio sources", registry=r).set_function(lambda: len(hub.sources))
         Gauge("streamd_viewers", "Connected captions viewers", registry=r).set_function(lambda: hub.viewer_count)
         Gauge("streamd_streams_waiting", "Streams with audio waiting for the engine", registry=r).set_function(
@@ -61,23 +61,23 @@ class Metrics:
             registry=r,
         )
         Gauge("streamd_max_batch", "Most jobs one engine run takes (1: no batching)", registry=r).set_function(
-            lambda: daemon.scheduler.max_batch
+            lambda: scheduler.max_batch
         )
         self.vad_rejected = Counter(
             "streamd_vad_rejected_regions",
             "Sounds webrtcvad took for speech that the speech detector did not (music, animals, noise)",
             registry=r,
         )
-        r.register(_StageCollector(daemon))
+        r.register(_StageCollector(status))
         r.register(_DetectorCollector())
-        r.register(_GuardCollector(daemon))
-        r.register(_DeviceMemoryCollector(daemon))
+        r.register(_GuardCollector(status))
+        r.register(_DeviceMemoryCollector(status))
         self.errors = Counter("streamd_client_errors", "Protocol errors sent to clients", ["code"], registry=r)
         self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
-        self._daemon = daemon
+        self._status = status
 
     def observe_job(self, job: Job, seconds: float) -> None:
-        device = self._daemon.devices.get("encoder", "cpu")
+        device = self._status.devices.get("encoder", "cpu")
         self.job_seconds.labels(device, "true" if job.final else "false").observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
@@ -87,12 +87,12 @@ class Metrics:
 class _StageCollector:
     """Compute seconds per stage, labelled with the device that really ran it."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
+    def __init__(self, status: Status) -> None:
+        self._status = status
 
     def collect(self):
-        engine, stats = self._daemon.engine, self._daemon.scheduler.stats
-        devices = self._daemon.devices
+        engine, stats = self._status.engine, self._status.scheduler.stats
+        devices = self._status.devices
         family = CounterMetricFamily(
             "streamd_stage_seconds",
             "Compute time per pipeline stage and the device that ran it",
@@ -122,8 +122,8 @@ class _DetectorCollector:
 class _GuardCollector:
     """Streamed windows the window guard dropped (the decoder itself rated them no speech), per rule."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
+    def __init__(self, status: Status) -> None:
+        self._status = status
 
     def collect(self):
         family = CounterMetricFamily(
@@ -131,7 +131,7 @@ class _GuardCollector:
             "Decoded windows dropped because the model rated them no speech, per rule",
             labels=["rule"],
         )
-        dropped = dict(self._daemon.engine.guard_dropped)
+        dropped = dict(self._status.engine.guard_dropped)
         for rule in GUARD_RULES:
             family.add_metric([rule], dropped.get(rule, 0))
         yield family
@@ -142,11 +142,11 @@ class _DeviceMemoryCollector:
     ``streamd_decode_state_bytes_per_stream`` (what one more stream in a batch reserves: its KV
     cache, cross-attention K/V and outputs) and ``streamd_device_memory_bytes{kind}``."""
 
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
+    def __init__(self, status: Status) -> None:
+        self._status = status
 
     def collect(self):
-        report = self._daemon.device_memory()
+        report = self._status.device_memory()
         if report is None:
             return
         per_stream = report.get("decode_state_bytes_per_stream")

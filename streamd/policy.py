@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import string
 from dataclasses import dataclass
+from typing import Protocol
 
-__all__ = ["LocalAgreement", "TimedWord"]
+__all__ = ["CommitPolicy", "LocalAgreement", "TimedWord"]
 
 _STRIP = string.punctuation + "“”‘’«»¿¡…"
 
@@ -26,6 +27,24 @@ class TimedWord:
     def key(self) -> str:
         """What two hypotheses must share to agree: the word without case or punctuation."""
         return self.word.strip().strip(_STRIP).lower()
+
+
+class CommitPolicy(Protocol):
+    """What a stream asks of its commit policy (:class:`LocalAgreement` by default; a second one
+    is passed to ``Stream(policy=...)``). It sees only hypotheses of the audio not yet committed:
+    the stream forces committed words as the decoder's prefix, so they never come back."""
+
+    def update(self, hypothesis: list[TimedWord]) -> tuple[list[TimedWord], list[TimedWord]]:
+        """A new hypothesis of the uncommitted audio; ``(committed, partial)``."""
+        ...
+
+    def flush(self, hypothesis: list[TimedWord]) -> list[TimedWord]:
+        """The utterance has ended: what of the last hypothesis to commit."""
+        ...
+
+    def reset(self) -> None:
+        """Forget what was seen (a new utterance, or the window moved)."""
+        ...
 
 
 class LocalAgreement:

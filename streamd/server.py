@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import ipaddress
 import json
 import logging
 import socket
@@ -34,23 +32,20 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
+from whisper_engine.engine import Engine
+
+from .auth import AccessPolicy, is_loopback_address
 from .formats import TRANSCRIPT_FORMATS, render_sessions
-from .hub import Hub, Message, Outbox, Source
+from .hub import Hub, Outbox, Source
 from .metrics import Metrics
-from .protocol import (
-    MESSAGE_TOO_BIG,
-    POLICY_VIOLATION,
-    SOURCE_ID,
-    AudioDecoder,
-    AudioFormat,
-    ProtocolError,
-    Start,
-    parse_control,
-    parse_start,
-)
+from .protocol import SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, parse_control, parse_start
 from .scheduler import Scheduler
+from .sender import TcpTransport, WebsocketTransport, error_message, start_sender
+from .sessions import DetachedSessions
+from .status import Status
 from .store import PURGE_EVERY_S, TranscriptStore
 from .stream import StreamConfig
 
@@ -58,8 +53,6 @@ __all__ = ["Daemon", "ServerConfig"]
 
 log = logging.getLogger(__name__)
 
-GOING_AWAY = 1001
-NORMAL = 1000
 CHUNK = 1600  # 100 ms: how files and TCP audio are fed
 
 
@@ -97,25 +90,25 @@ def _json(obj: object) -> bytes:
 class Daemon:
     """``await Daemon(engine, config).start()``; ``await daemon.shutdown()`` finalises everything."""
 
-    def __init__(self, engine, config: ServerConfig | None = None) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig | None = None) -> None:
         self.engine = engine
-        self.config = config or ServerConfig()
+        self.config = c = config or ServerConfig()
         store = None
-        if self.config.state_dir and self.config.retention_days > 0:
-            store = TranscriptStore(Path(self.config.state_dir) / "transcripts.db", self.config.retention_days * 86400)
-        self.hub = Hub(lambda: {"model": engine.model_name, "devices": self.devices}, self.config.stream,
-                       self.config.max_streams, store)  # fmt: skip
-        self.scheduler = Scheduler(engine, workers=self.config.workers, max_batch=self.config.max_batch)
-        self.metrics = Metrics(self)
+        if c.state_dir and c.retention_days > 0:
+            store = TranscriptStore(Path(c.state_dir) / "transcripts.db", c.retention_days * 86400)
+        self.hub = Hub(lambda: {"model": engine.model_name, "devices": self.status.devices}, c.stream,
+                       c.max_streams, store)  # fmt: skip
+        self.scheduler = Scheduler(engine, workers=c.workers, max_batch=c.max_batch)
+        self.access = AccessPolicy(c.token, c.allowed_origins)
+        self.detached = DetachedSessions(c.resume_s, c.max_detached, c.max_streams)
+        self.status = Status(engine, self.scheduler, self.hub, self.detached)
+        self.metrics = Metrics(self.status)
         self.hub.on_final = self.metrics.final_latency.observe
         self.scheduler.on_job = self.metrics.observe_job
         self.scheduler.on_batch = self.metrics.batch_size.observe
-        self.started = time.monotonic()  # for the uptime
-        self.stopping = False
         self._server: Server | None = None
         self._tcp: asyncio.Server | None = None
         self._readers: dict[Source, asyncio.Task] = {}  # ingest tasks, cancelled on shutdown
-        self._detached: dict[str, tuple[Source, asyncio.Future]] = {}  # waiting for a resume, oldest first
         self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
         self._tasks: set[asyncio.Task] = set()  # file and mic sources
@@ -173,6 +166,10 @@ class Daemon:
                 log.exception("could not purge old sessions from %s", store.path)
 
     @property
+    def stopping(self) -> bool:
+        return self.status.stopping
+
+    @property
     def port(self) -> int:
         assert self._server is not None
         return self._server.sockets[0].getsockname()[1]
@@ -194,7 +191,7 @@ class Daemon:
         then close every connection with 1001."""
         if self.stopping:
             return
-        self.stopping = True
+        self.status.stopping = True
         log.info("shutting down: finalising %d stream(s)", len(self.hub.sources))
         if self._server is not None:
             self._server.close(close_connections=False)
@@ -202,8 +199,7 @@ class Daemon:
             self._tcp.close()
         for task in [*self._readers.values(), *self._tasks]:
             task.cancel()
-        for _, waiter in list(self._detached.values()):
-            waiter.cancel()  # no resumes while stopping: those sessions finalise now
+        self.detached.cancel_all()
         deadline = time.monotonic() + self.config.shutdown_timeout_s
         while self.hub.sources and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -215,7 +211,7 @@ class Daemon:
             await asyncio.wait(list(self._viewers.values()), timeout=5)
         if self._server is not None:
             # Server.close() is idempotent: the close above stopped the listener; now the rest.
-            closing = [asyncio.create_task(ws.close(GOING_AWAY)) for ws in self._server.connections]
+            closing = [asyncio.create_task(ws.close(CloseCode.GOING_AWAY)) for ws in self._server.connections]
             if closing:
                 await asyncio.wait(closing, timeout=10)
             await self._server.wait_closed()
@@ -232,18 +228,12 @@ class Daemon:
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         path = url.path
-        if self.config.token is not None and not self._authorised(request, url.query):
-            response = connection.respond(HTTPStatus.UNAUTHORIZED, "a token is required: Authorization: Bearer ...\n")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="streamd"'
+        refusal = self.access.check(request.headers, url.query)
+        if refusal is not None:
+            response = connection.respond(refusal.status, refusal.body)
+            for name, value in refusal.headers.items():
+                response.headers[name] = value
             return response
-        host = request.headers.get("Host", "")
-        if self.config.token is None and not is_loopback_address(urlsplit(f"//{host}").hostname or ""):
-            # Without a token only loopback may talk to us; a page whose DNS name was rebound to
-            # 127.0.0.1 still sends its own name as Host.
-            return connection.respond(HTTPStatus.FORBIDDEN, f"unexpected Host {host!r}: use 127.0.0.1 or localhost\n")
-        origin = request.headers.get("Origin")
-        if origin is not None and not self._origin_allowed(origin, host):
-            return connection.respond(HTTPStatus.FORBIDDEN, f"origin {origin} is not allowed\n")
         if path in ("/v1/stream", "/v1/captions"):
             if self._server is not None and len(self._server.connections) > self.config.max_connections:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
@@ -253,9 +243,9 @@ class Daemon:
                 return connection.respond(HTTPStatus.NOT_FOUND, "captions page not installed\n")
             return _respond(connection, HTTPStatus.OK, self._page, "text/html; charset=utf-8")
         if path == "/healthz":
-            return _respond(connection, HTTPStatus.OK, _json(self.health()), "application/json")
+            return _respond(connection, HTTPStatus.OK, _json(self.status.health()), "application/json")
         if path == "/v1/sources":
-            return _respond(connection, HTTPStatus.OK, _json({"sources": self.sources()}), "application/json")
+            return _respond(connection, HTTPStatus.OK, _json({"sources": self.status.sources()}), "application/json")
         if path.startswith("/v1/sources/") and path.endswith("/transcript"):
             return self._transcript(connection, unquote(path[len("/v1/sources/") : -len("/transcript")]), url.query)
         if path == "/metrics":
@@ -285,73 +275,6 @@ class Daemon:
         body, content_type = render_sessions(source_id, sessions, fmt)
         return _respond(connection, HTTPStatus.OK, body.encode(), content_type)
 
-    def _authorised(self, request: Request, query: str) -> bool:
-        token = self.config.token
-        assert token is not None
-        header = request.headers.get("Authorization", "")
-        supplied = header[7:].strip() if header[:7].lower() == "bearer " else parse_qs(query).get("token", [""])[0]
-        return hmac.compare_digest(supplied.encode(), token.encode())
-
-    def _origin_allowed(self, origin: str, host: str) -> bool:
-        """Browsers send Origin: the page's own origin (same host and port) is allowed, and
-        those configured; other sites' pages may not drive a daemon on this machine."""
-        origin = origin.rstrip("/")
-        if urlsplit(origin).netloc == host:
-            return True
-        return origin in self.config.allowed_origins
-
-    def sources(self) -> list[dict]:
-        return [
-            {"id": s.id, "kind": s.kind, "session": s.session, "live": True, "time": round(s.stream.time, 2)}
-            | ({"detached": True} if s.session in self._detached else {})
-            for s in self.hub.sources.values()
-        ]
-
-    @property
-    def devices(self) -> dict[str, str]:
-        """The device that runs each stage for live streams: their mel frames are computed on the
-        CPU as audio arrives (``StreamingMel``), except on a backend that computes a window's mel
-        from its audio on its device (``Backend.mel_from_audio``)."""
-        if self.scheduler.mel_ahead:
-            return {**self.engine.devices, "mel": "cpu"}
-        return dict(self.engine.devices)
-
-    def health(self) -> dict:
-        stats = self.scheduler.stats
-        lags = [s.lag for s in self.hub.sources.values()]
-        return {
-            "status": "stopping" if self.stopping else "ok",
-            "model": self.engine.model_name,
-            "devices": self.devices,
-            "uptime_s": round(time.monotonic() - self.started, 1),
-            "streams": [
-                {**info, "lag_s": round(s.lag, 3), "finals": s.finals}
-                for info, s in zip(self.sources(), self.hub.sources.values(), strict=True)
-            ],
-            "viewers": self.hub.viewer_count,
-            "lag_s": round(max(lags, default=0.0), 3),
-            "asyncio_tasks": _task_count(),  # a leak check for soak and churn runs
-            "engine": {
-                "jobs": stats.jobs,
-                "failures": stats.failures,
-                "busy_s": round(stats.busy_s, 3),
-                "mel_s": round(stats.mel_s, 3),
-                "mel_overlap_s": round(stats.mel_overlap_s, 3),
-                "window_mel_s": round(stats.window_mel_s, 3),
-                "max_batch": self.scheduler.max_batch,
-                "batches": stats.batches,
-                "last_batch": stats.last_batch,
-                "largest_batch": stats.largest_batch,
-                "batch_s": {k: round(v, 3) for k, v in self.engine.batch_seconds.items()},
-                **({"device_memory": memory} if (memory := self.device_memory()) is not None else {}),
-            },
-        }
-
-    def device_memory(self) -> dict[str, int] | None:
-        """The backend's device-memory report (the cuda backend: decoder state per stream and in
-        all, the allocator's counters on a GPU); ``None`` where the backend keeps no device state."""
-        return self.engine.backend.memory_report() or None
-
     @staticmethod
     def _load_page() -> bytes | None:
         try:
@@ -376,12 +299,12 @@ class Daemon:
         try:
             start = parse_start(await asyncio.wait_for(ws.recv(), self.config.start_timeout_s))
             if start.resume is not None:
-                source, waiter = self._take_detached(start)
+                source, waiter = self.detached.resume(start, self.stopping)
             else:
                 source, waiter = self._open(start.source, "websocket"), None
         except TimeoutError:
             err = ProtocolError("bad_start", f"no start message within {self.config.start_timeout_s:g} s", True)
-            return await self._refuse(ws, outbox, sender, err, POLICY_VIOLATION)
+            return await self._refuse(ws, outbox, sender, err, CloseCode.POLICY_VIOLATION)
         except ProtocolError as err:
             self.metrics.errors.labels(err.code).inc()
             return await self._refuse(ws, outbox, sender, err, err.close_code)
@@ -407,48 +330,14 @@ class Daemon:
         if fatal is not None:
             await ws.close(fatal.close_code, _reason(fatal))
         else:
-            await ws.close(GOING_AWAY if self.stopping else NORMAL)
+            await ws.close(CloseCode.GOING_AWAY if self.stopping else CloseCode.NORMAL_CLOSURE)
 
     def _open(self, source_id: str | None, kind: str) -> Source:
         """A new live source (or a ``too_many_streams`` error), for which the oldest detached
         session makes room if the sessions would outnumber ``max_streams``."""
         source = self.hub.open(source_id, kind)
-        self._make_room()
+        self.detached.make_room(self.hub.live_count)
         return source
-
-    def _make_room(self) -> None:
-        """Detached sessions never take live capacity: past ``max_detached``, or when live and
-        detached sessions together would exceed ``max_streams``, the oldest is finalised now
-        (its finals already reached its viewers when its client dropped)."""
-        while self._detached and (
-            len(self._detached) > self.config.max_detached
-            or self.hub.live_count + len(self._detached) > self.config.max_streams
-        ):
-            session = next(iter(self._detached))
-            _, waiter = self._detached.pop(session)
-            if not waiter.done():
-                waiter.set_result(None)  # the session's task finalises it
-
-    def _take_detached(self, start: Start) -> tuple[Source, asyncio.Future]:
-        """The detached session ``start`` resumes, no longer waiting; or a fatal error."""
-        assert start.resume is not None
-        entry = self._detached.get(start.resume.session)
-        if entry is None or self.stopping:
-            raise ProtocolError(
-                "unknown_session",
-                f"no session {start.resume.session} is waiting to resume: it ended, or its client was away for more"
-                f" than {self.config.resume_s:g} s",
-                fatal=True,
-                close_code=POLICY_VIOLATION,
-            )
-        source, waiter = entry
-        if start.source is not None and start.source != source.id:
-            raise ProtocolError(
-                "bad_start", f"session {source.session} is source {source.id!r}, not {start.source!r}", True
-            )
-        del self._detached[start.resume.session]
-        source.detached = False
-        return source, waiter
 
     async def _websocket_session(self, source: Source, read, done: asyncio.Future) -> None:
         """A websocket source's life across its connections. ``done`` resolves when the current
@@ -468,11 +357,9 @@ class Daemon:
                 source.emit(source.stream.finish())
                 self.scheduler.wake()
                 done.set_result(None)
-                waiter: asyncio.Future = asyncio.get_running_loop().create_future()
-                self._detached[source.session] = (source, waiter)
-                self._make_room()
+                waiter = self.detached.detach(source, self.hub.live_count)
                 await asyncio.wait({waiter}, timeout=self.config.resume_s)
-                self._detached.pop(source.session, None)
+                self.detached.forget(source)
                 resumed = waiter.done() and not waiter.cancelled() and waiter.result() is not None
                 if not resumed:
                     if self.stopping:
@@ -512,20 +399,22 @@ class Daemon:
                     self._client_error(source, err)
                 await self._feed(source, samples)
         except ConnectionClosed as closed:
-            if closed.sent is not None and closed.sent.code == MESSAGE_TOO_BIG:
+            if closed.sent is not None and closed.sent.code == CloseCode.MESSAGE_TOO_BIG:
                 # websockets refused a frame over its own limit: the client broke the protocol.
                 log.info(
                     "source %s: a frame over %d bytes; the stream ends", source.id, 2 * self.config.max_frame_bytes
                 )
                 await self._feed(source, decoder.flush())
-                return ProtocolError("frame_too_large", "a frame over the websocket size limit", True, MESSAGE_TOO_BIG)
+                return ProtocolError(
+                    "frame_too_large", "a frame over the websocket size limit", True, CloseCode.MESSAGE_TOO_BIG
+                )
             log.info("source %s: client went away mid-stream", source.id)
             dropped = True
         await self._feed(source, decoder.flush())
         return _DROPPED if dropped else None
 
     async def _refuse(self, ws, outbox: Outbox, sender: asyncio.Task, err: ProtocolError, code: int) -> None:
-        outbox.put(_error(err))
+        outbox.put(error_message(err))
         outbox.close()
         await sender
         await ws.close(code, _reason(err))
@@ -540,14 +429,16 @@ class Daemon:
         outbox = Outbox(self.config.max_queue)
         sender = self._sender(ws, outbox)
         if not SOURCE_ID.match(source_id):
-            err = ProtocolError("bad_request", "use /v1/captions?source=ID with a source id", True, POLICY_VIOLATION)
-            return await self._refuse(ws, outbox, sender, err, POLICY_VIOLATION)
+            err = ProtocolError(
+                "bad_request", "use /v1/captions?source=ID with a source id", True, CloseCode.POLICY_VIOLATION
+            )
+            return await self._refuse(ws, outbox, sender, err, CloseCode.POLICY_VIOLATION)
         self._viewers[outbox] = sender
         self.hub.watch(source_id, outbox)
         try:
             async for _ in ws:
                 err = ProtocolError("read_only", "captions viewers only receive; send audio to /v1/stream")
-                outbox.put(_error(err))
+                outbox.put(error_message(err))
         except ConnectionClosed:
             pass
         finally:
@@ -557,30 +448,8 @@ class Daemon:
             await sender
 
     def _sender(self, ws: ServerConnection, outbox: Outbox) -> asyncio.Task:
-        """Deliver ``outbox`` to ``ws``; if it overflows, one ``slow_client`` error, then close."""
-
-        async def deliver() -> None:
-            try:
-                while (message := await outbox.get()) is not None:
-                    await ws.send(message.text)
-            except ConnectionClosed:
-                return
-            except asyncio.CancelledError:
-                if not outbox.overflowed:
-                    raise
-            if outbox.overflowed:
-                self.metrics.slow_clients.inc()
-                log.warning("client %s cut off: more than %d messages waiting", ws.remote_address, outbox.limit)
-                err = ProtocolError("slow_client", f"more than {outbox.limit} finals waiting: reading too slowly", True)
-                with contextlib.suppress(ConnectionClosed, TimeoutError):
-                    await asyncio.wait_for(ws.send(_error(err).text), 1.0)
-                ws.close_timeout = self.config.slow_client_grace_s
-                with contextlib.suppress(ConnectionClosed):
-                    await ws.close(POLICY_VIOLATION, "client too slow")
-
-        task = asyncio.create_task(deliver())
-        outbox.on_overflow = task.cancel  # a send blocked on a full socket must not hide the overflow
-        return task
+        transport = WebsocketTransport(ws, self.config.slow_client_grace_s)
+        return start_sender(outbox, transport, self.metrics.slow_clients.inc)
 
     # --- sources -----------------------------------------------------------------------------
 
@@ -635,22 +504,11 @@ class Daemon:
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Raw ingest: s16le 16 kHz mono in, the same messages as newline-delimited JSON out."""
         outbox = Outbox(self.config.max_queue)
-
-        async def deliver() -> None:
-            with contextlib.suppress(ConnectionError):
-                while (message := await outbox.get()) is not None:
-                    writer.write(message.text.encode() + b"\n")
-                    await writer.drain()
-                if outbox.overflowed:
-                    err = ProtocolError("slow_client", f"more than {outbox.limit} finals waiting", True)
-                    writer.write(_error(err).text.encode() + b"\n")
-
-        sender = asyncio.create_task(deliver())
-        outbox.on_overflow = sender.cancel
+        sender = start_sender(outbox, TcpTransport(writer), self.metrics.slow_clients.inc)
         try:
             source = self._open(None, "tcp")
         except ProtocolError as err:
-            outbox.put(_error(err))
+            outbox.put(error_message(err))
             source = None
         if source is not None:
             source.owner = outbox
@@ -703,34 +561,12 @@ def source_id_for(path: Path) -> str:
     return stem[:64] or "file"
 
 
-def is_loopback_address(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _reason(err: ProtocolError) -> str:
     """A close reason: at most 123 bytes of UTF-8 (RFC 6455), whole characters."""
     return str(err).encode("utf-8")[:120].decode("utf-8", "ignore")
 
 
-def _task_count() -> int:
-    """The event loop's tasks (none outside one)."""
-    try:
-        return len(asyncio.all_tasks())
-    except RuntimeError:
-        return 0
-
-
 _DROPPED = object()  # what a websocket ingest returns when its client went away without "stop"
-
-
-def _error(err: ProtocolError) -> Message:
-    """An error outside any stream's numbering (before a source exists, or to one client)."""
-    return Message("error", json.dumps({**err.message(), "seq": 0}))
 
 
 def _address(sock) -> str:

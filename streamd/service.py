@@ -19,8 +19,9 @@ import tomllib
 from dataclasses import fields, replace
 from pathlib import Path
 
+from .auth import is_loopback_address
 from .notify import Notifier
-from .server import Daemon, ServerConfig, file_chunks, is_loopback_address, source_id_for
+from .server import Daemon, ServerConfig, file_chunks, source_id_for
 from .stream import StreamConfig
 from .vad import VadConfig
 
@@ -341,7 +342,7 @@ async def _watchdog(daemon: Daemon, notifier: Notifier) -> None:
     and systemd restarts the service. Each ping carries a one-line status."""
     interval = (notifier.watchdog_s or 60.0) / 2
     while True:
-        health = daemon.health()
+        health = daemon.status.health()
         status = (
             f"STATUS={len(health['streams'])} stream(s), {health['viewers']} viewer(s), lag {health['lag_s']:.1f} s"
         )

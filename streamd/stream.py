@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .policy import LocalAgreement, TimedWord
+from .policy import CommitPolicy, LocalAgreement, TimedWord
 from .vad import VadConfig, VadGate
 
 __all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange"]
@@ -120,10 +120,10 @@ class Stream:
     every decode sees their context; the committed words inside it are forced as the decoder's
     prefix, so each hypothesis holds only what follows them."""
 
-    def __init__(self, config: StreamConfig | None = None) -> None:
+    def __init__(self, config: StreamConfig | None = None, policy: CommitPolicy | None = None) -> None:
         self.config = config or StreamConfig()
         self._vad = VadGate(self.config.vad)
-        self._policy = LocalAgreement()
+        self._policy = policy if policy is not None else LocalAgreement()
         self._samples = SampleBuffer()
         self._buffer_start = 0.0  # stream time of _buffer[0]
         self._received = 0  # samples fed in all

@@ -223,7 +223,7 @@ def test_only_a_batching_backend_gets_batches(engine, torch_engine):
     assert Scheduler(engine, max_batch=64).max_batch == 1  # numpy: one job per engine thread, as before
     assert Scheduler(torch_engine, max_batch=8).max_batch == 8
     cpu = Daemon(engine, ServerConfig(port=0))
-    assert cpu.health()["engine"]["max_batch"] == 1 and "device_memory" not in cpu.health()["engine"]
+    assert cpu.status.health()["engine"]["max_batch"] == 1 and "device_memory" not in cpu.status.health()["engine"]
     body = cpu.metrics.render()[0].decode()
     assert "streamd_max_batch 1.0" in body and "streamd_device_memory_bytes" not in body
 

@@ -366,7 +366,7 @@ async def test_an_engine_fault_mid_window_errs_that_stream_once_and_it_recovers(
         faulted, steady = await asyncio.gather(
             client("faulty", faulty_audio, pause_at=6 * 16000), client("steady", steady_audio)
         )
-        health = d.health()
+        health = d.status.health()
     finally:
         await d.shutdown()
     assert faulty.fault.fired_at is not None and 4.0 <= faulty.fault.fired_at <= 6.0

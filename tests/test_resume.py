@@ -114,7 +114,7 @@ async def test_a_resume_must_name_its_own_source_and_a_stopped_session_cannot_re
     session = json.loads(await ws.recv())["session"]
     ws.transport.abort()
     for _ in range(50):
-        if daemon._detached:
+        if daemon.detached:
             break
         await asyncio.sleep(0.1)
     async with connect(url(daemon, "/v1/stream")) as other:
@@ -140,10 +140,10 @@ async def test_shutdown_finalises_a_session_waiting_for_its_client(daemon, caplo
         await send_audio(ws, np.zeros(16000, np.float32), speed=None)
         ws.transport.abort()
         for _ in range(50):
-            if daemon._detached:
+            if daemon.detached:
                 break
             await asyncio.sleep(0.1)
-        assert daemon._detached
+        assert daemon.detached
         await asyncio.wait_for(daemon.shutdown(), 10)  # not the 20 s the session would wait
         messages = await receive_all(viewer)
     assert messages[-1]["type"] == "end"
@@ -166,10 +166,10 @@ async def test_detached_sessions_never_lock_out_new_streams(engine, jfk_audio, c
                 await ws.send(pcm16(jfk_audio[:8000]))
                 ws.transport.abort()
                 for _ in range(50):
-                    if f"drop-{i}" in {s.id for s, _ in d._detached.values()}:
+                    if f"drop-{i}" in {s.id for s in d.detached.sources()}:
                         break
                     await asyncio.sleep(0.05)
-            assert [s.id for s, _ in d._detached.values()] == ["drop-2", "drop-3"]
+            assert [s.id for s in d.detached.sources()] == ["drop-2", "drop-3"]
             ended = [json.loads(m) for m in [await asyncio.wait_for(viewer.recv(), 10) for _ in range(2)]]
             assert ended[-1]["type"] == "end", ended
             # Two waiting, none live, three slots: three new streams get in; the second and the
@@ -180,7 +180,7 @@ async def test_detached_sessions_never_lock_out_new_streams(engine, jfk_audio, c
                 await ws.send(start(f"new-{i}"))
                 assert json.loads(await ws.recv())["type"] == "ready"
                 clients.append(ws)
-                waiting.append([s.id for s, _ in d._detached.values()])
+                waiting.append([s.id for s in d.detached.sources()])
             assert waiting == [["drop-2", "drop-3"], ["drop-3"], []]
             async with connect(url(d, "/v1/stream")) as refused:  # live streams at max_streams: 1013
                 await refused.send(start("one-too-many"))

@@ -16,10 +16,38 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from streamd.auth import AccessPolicy
 from streamd.server import Daemon, ServerConfig
 from streamd.service import ConfigError, settings
 
 TOKEN = "correct-horse-battery-staple"
+
+
+def _status(policy: AccessPolicy, headers: dict[str, str], query: str = "") -> int | None:
+    refusal = policy.check(headers, query)
+    return None if refusal is None else int(refusal.status)
+
+
+def test_without_a_token_only_loopback_hosts_pass_the_access_policy():
+    open_policy = AccessPolicy()
+    assert _status(open_policy, {"Host": "127.0.0.1:8765"}) is None
+    assert _status(open_policy, {"Host": "localhost"}) is None
+    assert _status(open_policy, {"Host": "[::1]:8765"}) is None
+    assert _status(open_policy, {"Host": "evil.example:8765"}) == 403  # a page rebound to 127.0.0.1
+    assert _status(open_policy, {"Host": "127.0.0.1:8765", "Origin": "https://evil.example"}) == 403
+    assert _status(open_policy, {"Host": "127.0.0.1:8765", "Origin": "http://127.0.0.1:8765"}) is None
+
+
+def test_with_a_token_every_request_carries_it_and_configured_origins_pass():
+    policy = AccessPolicy(TOKEN, ("https://captions.example",))
+    refusal = policy.check({"Host": "box:8765"}, "")
+    assert refusal is not None and int(refusal.status) == 401 and "WWW-Authenticate" in refusal.headers
+    assert _status(policy, {"Host": "box:8765", "Authorization": f"Bearer {TOKEN}"}) is None
+    assert _status(policy, {"Host": "box:8765"}, f"token={TOKEN}") is None
+    assert _status(policy, {"Host": "box:8765"}, "token=wrong") == 401
+    with_origin = {"Host": "box:8765", "Authorization": f"Bearer {TOKEN}"}
+    assert _status(policy, {**with_origin, "Origin": "https://captions.example/"}) is None
+    assert _status(policy, {**with_origin, "Origin": "https://other.example"}) == 403
 
 
 def get(url: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None) -> int:

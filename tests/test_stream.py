@@ -41,6 +41,52 @@ def test_local_agreement_waits_on_disagreement_and_flushes_at_the_end():
     assert [w.key for w in policy.flush(words("ask not what"))] == ["ask", "not", "what"]
 
 
+class CommitAtOnce:
+    """A second commit policy: every hypothesis is committed whole, without waiting for another."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    def update(self, hypothesis: list[TimedWord]) -> tuple[list[TimedWord], list[TimedWord]]:
+        self.seen.append([w.key for w in hypothesis])
+        return hypothesis, []
+
+    def flush(self, hypothesis: list[TimedWord]) -> list[TimedWord]:
+        return hypothesis
+
+    def reset(self) -> None:
+        pass
+
+
+def _scripted_prefixes(policy, jfk) -> list[str]:
+    """JFK's audio through a stream whose jobs get scripted words, no model: each job's forced
+    prefix."""
+    stream = Stream(policy=policy) if policy is not None else Stream()
+    audio = load_audio(jfk)
+    script = iter(["and so my", "fellow americans", "ask not", "what your country", "can do for you"] * 10)
+    prefixes = []
+    for i in range(0, len(audio), 1600):
+        stream.feed(audio[i : i + 1600])
+        if (job := stream.next_job()) is not None:
+            prefixes.append(job.prefix)
+            start = job.offset + len(job.audio) / 16000 - 0.6  # the newest audio the window holds
+            said = next(script).split()
+            scripted = [TimedWord(" " + w, start + 0.1 * k, start + 0.1 * k + 0.05, 0.9) for k, w in enumerate(said)]
+            stream.on_result(job, scripted)
+    return prefixes
+
+
+def test_a_second_commit_policy_plugs_into_the_stream_and_sees_only_scripted_words(jfk):
+    """The commit policy is a seam: with one that commits at once, the first hypothesis is the
+    next job's forced prefix; with LocalAgreement nothing is committed before two agree."""
+    at_once = CommitAtOnce()
+    prefixes = _scripted_prefixes(at_once, jfk)
+    assert at_once.seen and at_once.seen[0]  # it was asked, with the scripted words
+    assert prefixes[0] == "" and prefixes[1].strip() != ""
+    default_prefixes = _scripted_prefixes(None, jfk)
+    assert default_prefixes[:2] == ["", ""]
+
+
 @pytest.fixture(scope="module")
 def streamed(engine, jfk):
     """JFK between 3 s of silence, fed in 100 ms chunks; jobs run as soon as asked for."""
