@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from whisper_engine.engine import Engine, WindowRequest
-from whisper_engine.timing import WordTiming
+from whisper_engine.timing import Word
 from whisper_engine.tokenizer import WhisperTokenizer
 
 from .policy import TimedWord
@@ -44,6 +44,6 @@ def _tokens(tok: WhisperTokenizer, job: Job) -> tuple[list[int], list[int]]:
     return prompt, prefix
 
 
-def _stream_words(job: Job, words: list[WordTiming]) -> list[TimedWord]:
+def _stream_words(job: Job, words: list[Word]) -> list[TimedWord]:
     """Window-relative words as stream times."""
-    return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.probability) for w in words]
+    return [TimedWord(w.word, job.offset + w.start, job.offset + w.end, w.p) for w in words]

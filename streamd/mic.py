@@ -16,9 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
+
 __all__ = ["SAMPLE_RATE", "MicError", "capture", "list_input_devices"]
 
-SAMPLE_RATE = 16000
 QUEUE_S = 1.0  # audio held for a stalled consumer before the oldest is dropped
 STALL_S = 5.0  # no block from PortAudio for this long means the device is gone
 LOG_EVERY_S = 5.0  # at most one overflow warning per this many seconds

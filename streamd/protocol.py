@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
+from .audio import SAMPLE_RATE
 from .stream import Event, Final, Partial, VadChange
 
 __all__ = [
@@ -31,7 +32,6 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-SAMPLE_RATE = 16000
 ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .hub import Source
 from .jobs import run_jobs
 from .policy import TimedWord
@@ -268,7 +269,7 @@ class Scheduler:
         """A job's words back to its stream; partials and finals out."""
         self.stats.jobs += 1
         self.stats.final_jobs += job.final
-        self.stats.audio_s += len(job.audio) / 16000
+        self.stats.audio_s += len(job.audio) / SAMPLE_RATE
         if self.on_job is not None:
             self.on_job(job, elapsed)
         source.emit(source.stream.on_result(job, words))

@@ -37,6 +37,7 @@ from websockets.http11 import Request, Response
 
 from whisper_engine.engine import Engine
 
+from .audio import SAMPLE_RATE
 from .auth import AccessPolicy, is_loopback_address
 from .formats import TRANSCRIPT_FORMATS, render_sessions
 from .hub import Hub, Outbox, Source
@@ -499,7 +500,7 @@ class Daemon:
         self.scheduler.feed(source, samples)
         if source.stream.vad_rejected > rejected:
             self.metrics.vad_rejected.inc(source.stream.vad_rejected - rejected)
-        self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / 16000)
+        self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / SAMPLE_RATE)
 
     async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Raw ingest: s16le 16 kHz mono in, the same messages as newline-delimited JSON out."""
@@ -547,7 +548,7 @@ async def file_chunks(audio: np.ndarray, realtime: bool) -> AsyncIterator[np.nda
     started = time.monotonic()
     for i in range(0, len(audio), CHUNK):
         if realtime:
-            delay = started + (i + CHUNK) / 16000 - time.monotonic()
+            delay = started + (i + CHUNK) / SAMPLE_RATE - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
         else:

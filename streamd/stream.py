@@ -16,12 +16,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
 from .policy import CommitPolicy, LocalAgreement, TimedWord
 from .vad import VadConfig, VadGate
 
 __all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange"]
 
-SAMPLE_RATE = 16000
 HOP = 160  # mel frame hop: windows start on one, so a stream's mel frames can be reused
 # A leading repeat of up to this many committed words is an echo: five let "What your country
 # can do for you." (seven words) through twice in a row when a region split after it.

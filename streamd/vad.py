@@ -31,6 +31,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .audio import SAMPLE_RATE
+
 __all__ = [
     "DETECTORS",
     "SpeechDetector",
@@ -42,7 +44,6 @@ __all__ = [
     "speech_regions",
 ]
 
-SAMPLE_RATE = 16000
 CHUNK = 512  # Silero's window at 16 kHz (32 ms)
 WARMUP_S = 1.0  # audio a woken detector hears before the candidate, to set its state (not decided)
 AWAKE_S = 10.0  # the detector stays on this long after webrtcvad last heard something

@@ -73,3 +73,11 @@ def test_a_planted_private_import_and_probe_are_caught(tmp_path):
     planted.write_text("from whisper_engine.decoding import _x\nhasattr(engine.backend, 'y')\n")
     assert _private_imports(planted) == ["planted.py:1: _x from whisper_engine.decoding"]
     assert _probes(planted) == ["planted.py:2: hasattr(engine.backend, 'y')"]
+
+
+def test_the_daemon_and_the_engine_agree_on_the_sample_rate_and_the_mel_hop():
+    """The streaming core may not import the engine, so it keeps its own copy of two facts."""
+    from streamd import audio, stream
+    from whisper_engine import mel
+
+    assert audio.SAMPLE_RATE == mel.SAMPLE_RATE and stream.HOP == mel.HOP_LENGTH

@@ -121,7 +121,7 @@ def test_batched_windows_equal_each_window_decoded_alone(torch_engine, requests)
         for g, e in zip(got, expected, strict=True):
             assert g.tokens == e.tokens
             assert abs(g.start - e.start) <= 0.021 and abs(g.end - e.end) <= 0.021  # one encoder frame
-            assert g.probability == pytest.approx(e.probability, abs=1e-3)
+            assert g.p == pytest.approx(e.p, abs=1e-3)
     text = ["".join(w.word for w in words) for words in batched]
     assert "ask not" in text[0].lower() and text[1].strip()
     assert text[3].lower().count("stella") == 1, text[3]  # the loop was cut where it started

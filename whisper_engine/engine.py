@@ -21,7 +21,7 @@ from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, compression_ratio, decode, initial_tokens, loop_start
 from .guard import WindowGuard
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
-from .timing import WordTiming, alignment_tokens, find_alignment, merge_punctuations, words_from_matrix
+from .timing import Word, alignment_tokens, find_alignment, merge_punctuations, words_from_matrix
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
 
@@ -219,7 +219,7 @@ class Engine:
             self.weights.suppress_tokens_begin,
         )
 
-    def word_timings(self, window: EncodedWindow, text_tokens: list[int], token_probs: list[float]) -> list[WordTiming]:
+    def word_timings(self, window: EncodedWindow, text_tokens: list[int], token_probs: list[float]) -> list[Word]:
         """Words of ``text_tokens`` with times relative to the window; a word's probability is
         the mean of its tokens' ``token_probs`` (the decoder's, as it chose them)."""
         words = find_alignment(
@@ -242,13 +242,13 @@ class Engine:
         prefix: list[int],
         min_frames: int | None = None,
         mel: np.ndarray | None = None,
-    ) -> list[WordTiming]:
+    ) -> list[Word]:
         """Decode ``audio`` (at most 30 s) after a forced ``prefix`` of tokens already known for
         its start; return the timed words that follow the prefix (times relative to the audio):
         :meth:`continue_windows` of a batch of one."""
         return self.continue_windows([WindowRequest(audio, prompt, prefix, min_frames, mel)])[0]
 
-    def _continue_one(self, request: WindowRequest) -> list[WordTiming]:
+    def _continue_one(self, request: WindowRequest) -> list[Word]:
         """One window on a backend that takes one at a time: decoding's own search, greedy."""
         audio, prompt, prefix, min_frames, mel = (
             request.audio, request.prompt, request.prefix, request.min_frames, request.mel
@@ -271,7 +271,7 @@ class Engine:
         self._account("decoder", clock)  # alignment is a decoder pass
         return _after_prefix(words, len(prefix))
 
-    def continue_windows(self, requests: Sequence[WindowRequest]) -> list[list[WordTiming]]:
+    def continue_windows(self, requests: Sequence[WindowRequest]) -> list[list[Word]]:
         """Decode each window after its forced prefix (streaming); row ``i``: the timed words that
         follow request ``i``'s prefix, times relative to its audio.
 
@@ -291,7 +291,7 @@ class Engine:
         backend = self.backend
         if not isinstance(backend, BatchedBackend):
             return [self._continue_one(r) for r in requests]
-        out: list[list[WordTiming]] = [[] for _ in requests]
+        out: list[list[Word]] = [[] for _ in requests]
         rows = [i for i, r in enumerate(requests) if min(len(r.audio) // HOP_LENGTH, N_FRAMES) >= 2]
         if not rows:
             return out
@@ -411,7 +411,7 @@ def _timed_tokens(prefix: list[int], result: DecodingResult) -> tuple[list[int],
     return [*prefix, *result.tokens], probs
 
 
-def _after_prefix(words: list[WordTiming], prefix_tokens: int) -> list[WordTiming]:
+def _after_prefix(words: list[Word], prefix_tokens: int) -> list[Word]:
     """The words that follow a forced prefix of ``prefix_tokens`` tokens."""
     seen, new = 0, []
     for w in words:

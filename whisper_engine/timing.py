@@ -10,7 +10,7 @@ first token's path enters a new frame.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from .backend import Backend
 from .tokenizer import WhisperTokenizer
 
 __all__ = [
-    "WordTiming",
+    "Word",
     "alignment_matrix",
     "alignment_tokens",
     "dtw",
@@ -35,12 +35,16 @@ APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 
 
 @dataclass
-class WordTiming:
+class Word:
+    """A word and when it was said: seconds relative to its window (to the recording once
+    :mod:`whisper_engine.transcribe` places it), the mean probability of its tokens as the decoder
+    chose them, and the tokens (which a forced prefix is counted in)."""
+
     word: str
-    tokens: list[int]
     start: float
     end: float
-    probability: float
+    p: float
+    tokens: list[int] = field(default_factory=list)
 
 
 def median_filter(x: np.ndarray, width: int) -> np.ndarray:
@@ -122,7 +126,7 @@ def find_alignment(
     token_probs: list[float],
     num_frames: int,
     medfilt_width: int = 7,
-) -> list[WordTiming]:
+) -> list[Word]:
     """Word timings, relative to the window start, of ``text_tokens`` decoded from ``features``.
 
     ``token_probs`` are the tokens' probabilities (a word's is the mean of its tokens');
@@ -161,7 +165,7 @@ def words_from_scores(
     token_probs: list[float],
     num_frames: int,
     medfilt_width: int = 7,
-) -> list[WordTiming]:
+) -> list[Word]:
     """:func:`find_alignment` from the alignment heads' scores ``qk`` already computed for
     :func:`alignment_tokens` (a batched backend computes many windows' at once)."""
     if not text_tokens:
@@ -172,7 +176,7 @@ def words_from_scores(
 
 def words_from_matrix(
     matrix: np.ndarray, tok: WhisperTokenizer, text_tokens: list[int], token_probs: list[float]
-) -> list[WordTiming]:
+) -> list[Word]:
     """Words and their times from :func:`alignment_matrix` ``[len(text_tokens) + 1, frames]``."""
     if not text_tokens:
         return []
@@ -191,14 +195,14 @@ def words_from_matrix(
     ends = jump_times[boundaries[1:]]
     spans = itertools.pairwise(boundaries)
     return [
-        WordTiming(word, toks, float(s), float(e), float(np.mean(token_probs[i:j])))
+        Word(word, float(s), float(e), float(np.mean(token_probs[i:j])), toks)
         for word, toks, s, e, (i, j) in zip(words[:-1], word_tokens[:-1], starts, ends, spans, strict=True)
     ]
 
 
-def merge_punctuations(words: list[WordTiming]) -> list[WordTiming]:
+def merge_punctuations(words: list[Word]) -> list[Word]:
     """Attach leading punctuation to the next word and trailing punctuation to the previous one."""
-    words = [WordTiming(w.word, list(w.tokens), w.start, w.end, w.probability) for w in words]
+    words = [Word(w.word, w.start, w.end, w.p, list(w.tokens)) for w in words]
     i = len(words) - 2
     while i >= 0:  # prepended: an opening quote or bracket belongs to the word after it
         prev, nxt = words[i], words[i + 1]

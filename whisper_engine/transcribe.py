@@ -15,6 +15,7 @@ import numpy as np
 from .decoding import TIME_PRECISION, DecodingOptions, DecodingResult
 from .engine import Engine, FallbackPolicy
 from .mel import FRAMES_PER_SECOND, HOP_LENGTH, N_FRAMES, N_SAMPLES, SAMPLE_RATE
+from .timing import Word
 
 __all__ = ["Segment", "TranscribeOptions", "Transcript", "Word", "transcribe"]
 
@@ -34,14 +35,6 @@ class TranscribeOptions:
     word_timestamps: bool = True
     pad_to_30s: bool = False
     language: str | None = "en"
-
-
-@dataclass
-class Word:
-    word: str
-    start: float
-    end: float
-    p: float
 
 
 @dataclass
@@ -251,7 +244,7 @@ def _add_words(engine: Engine, window, segments: list[Segment], offset: float) -
             w = timings[i]
             start = min(max(offset + w.start, seg.start), seg.end)
             end = min(max(offset + w.end, start), seg.end)
-            seg.words.append(Word(w.word, start, end, w.probability))
+            seg.words.append(replace(w, start=start, end=end))
             count += len(w.tokens)
             i += 1
     # Words of one window never go backwards in time.
