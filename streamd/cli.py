@@ -10,6 +10,8 @@ from pathlib import Path
 
 from whisper_engine.backends import BACKENDS
 
+from .vad import DETECTORS, VadConfig
+
 __all__ = ["main"]
 
 
@@ -36,9 +38,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--vad", action="store_true", help=argparse.SUPPRESS)  # the default since the neural VAD
     t.add_argument(
-        "--speech-detector", default="silero", choices=["silero", "off"], help="VAD second stage (default: silero)"
+        "--speech-detector",
+        default=VadConfig.detector,
+        choices=DETECTORS,
+        help=f"VAD second stage (default: {VadConfig.detector})",
     )
-    t.add_argument("--speech-threshold", type=float, default=0.5, metavar="P", help="Silero speech probability")
+    t.add_argument(
+        "--speech-threshold",
+        type=float,
+        default=VadConfig.threshold,
+        metavar="P",
+        help=f"Silero speech probability (default: {VadConfig.threshold})",
+    )
     t.add_argument("--prompt", metavar="TEXT", help="initial prompt: names, spelling, style to condition on")
     t.add_argument("--no-condition", action="store_true", help="do not feed each window the previous text")
     _add_model_args(t)

@@ -83,6 +83,20 @@ class ServerConfig:
     retention_days: float = 30.0  # sessions older than this are deleted from the store
     stream: StreamConfig = field(default_factory=StreamConfig)
 
+    def __post_init__(self) -> None:
+        for key in ("workers", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes",
+                    "max_detached"):  # fmt: skip
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be 0..65535, got {self.port}")
+        if self.ping_interval_s <= 0:
+            raise ValueError(f"ping_interval_s must be positive, got {self.ping_interval_s}")
+        if self.retention_days < 0:
+            raise ValueError(f"retention_days must be 0 (keep nothing) or more, got {self.retention_days}")
+        if self.resume_s < 0:
+            raise ValueError(f"resume_s must be 0 (off) or more, got {self.resume_s}")
+
 
 def _json(obj: object) -> bytes:
     return (json.dumps(obj, indent=1) + "\n").encode()

@@ -29,10 +29,12 @@ __all__ = ["add_serve_args", "serve_main"]
 
 log = logging.getLogger("streamd")
 
-# option: (type, default, help)
+# option: (type, default, help). Defaults and the checks of a value's range live with the
+# settings they configure (ServerConfig, StreamConfig, VadConfig); this table adds the type and
+# the help, and the options that configure nothing there (backend, model, threads, ...).
 OPTIONS: dict[str, tuple[type, object, str]] = {
-    "host": (str, "127.0.0.1", "address to listen on"),
-    "port": (int, 8765, "websocket + HTTP port (0: any free port)"),
+    "host": (str, ServerConfig.host, "address to listen on"),
+    "port": (int, ServerConfig.port, "websocket + HTTP port (0: any free port)"),
     "tcp_port": (int, None, "also take raw s16le 16 kHz mono audio on this TCP port, JSON lines out"),
     "model": (str, None, "CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"),
     "backend": (str, "auto", "accelerator: auto, cpu, xdna, xdna-all, golden or cuda"),
@@ -44,29 +46,61 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "file": (str, None, "stream this recording as a source (its id is the file's stem)"),
     "realtime": (bool, False, "play --file at the pace it was spoken"),
     "mic": (str, None, "capture this input device as source 'mic' ('default' for the default device)"),
-    "vad_aggressiveness": (int, 2, "webrtcvad aggressiveness 0 (lenient) to 3 (strict)"),
-    "speech_detector": (str, "silero", "neural VAD confirming what webrtcvad hears: silero, or off (webrtcvad alone)"),
-    "speech_threshold": (float, 0.5, "Silero probability at which speech starts (higher: stricter)"),
-    "speech_neg_threshold": (float, None, "Silero probability under which speech stops (default: threshold - 0.15)"),
-    "update_s": (float, 0.5, "new speech before a window is decoded again (latency vs CPU)"),
-    "workers": (int, 1, "engine threads: streams decoded side by side (one per core for many streams)"),
+    "vad_aggressiveness": (int, VadConfig.aggressiveness, "webrtcvad aggressiveness 0 (lenient) to 3 (strict)"),
+    "speech_detector": (
+        str,
+        VadConfig.detector,
+        "neural VAD confirming what webrtcvad hears: silero, or off (webrtcvad alone)",
+    ),
+    "speech_threshold": (float, VadConfig.threshold, "Silero probability at which speech starts (higher: stricter)"),
+    "speech_neg_threshold": (
+        float,
+        VadConfig.neg_threshold,
+        "Silero probability under which speech stops (default: threshold - 0.15)",
+    ),
+    "update_s": (float, StreamConfig.update_s, "new speech before a window is decoded again (latency vs CPU)"),
+    "workers": (
+        int,
+        ServerConfig.workers,
+        "engine threads: streams decoded side by side (one per core for many streams)",
+    ),
     "threads": (int, 1, "BLAS threads for the engine: 1 costs the least CPU per stream, more cut latency"),
-    "max_batch": (int, 64, "streams' windows decoded as one batch on a backend that batches (cuda); 1: one at a time"),
-    "max_frame_bytes": (int, 1 << 20, "largest audio frame accepted"),
-    "max_queue": (int, 256, "messages waiting for one client before it is cut off"),
-    "max_connections": (int, 64, "websocket connections at once"),
-    "max_streams": (int, 16, "audio sources at once"),
+    "max_batch": (
+        int,
+        ServerConfig.max_batch,
+        "streams' windows decoded as one batch on a backend that batches (cuda); 1: one at a time",
+    ),
+    "max_frame_bytes": (int, ServerConfig.max_frame_bytes, "largest audio frame accepted"),
+    "max_queue": (int, ServerConfig.max_queue, "messages waiting for one client before it is cut off"),
+    "max_connections": (int, ServerConfig.max_connections, "websocket connections at once"),
+    "max_streams": (int, ServerConfig.max_streams, "audio sources at once"),
     "log_level": (str, "info", "debug, info, warning or error"),
-    "ping_interval_s": (float, 20.0, "websocket keepalive ping; a client silent for twice this is dropped"),
-    "resume_s": (float, 30.0, "a dropped stream client may resume its session within this many seconds (0: off)"),
-    "max_detached": (int, 16, "sessions waiting for a resume at once; they yield their slot to new streams"),
+    "ping_interval_s": (
+        float,
+        ServerConfig.ping_interval_s,
+        "websocket keepalive ping; a client silent for twice this is dropped",
+    ),
+    "resume_s": (
+        float,
+        ServerConfig.resume_s,
+        "a dropped stream client may resume its session within this many seconds (0: off)",
+    ),
+    "max_detached": (
+        int,
+        ServerConfig.max_detached,
+        "sessions waiting for a resume at once; they yield their slot to new streams",
+    ),
     "state_dir": (
         str,
         None,
         "keep every final here (transcripts.db) across restarts; default $STATE_DIRECTORY "
         "(systemd), else ~/.local/state/streamd",
     ),
-    "retention_days": (float, 30.0, "delete stored sessions older than this (0: keep no transcripts)"),
+    "retention_days": (
+        float,
+        ServerConfig.retention_days,
+        "delete stored sessions older than this (0: keep no transcripts)",
+    ),
     "token_file": (str, None, "file holding the token clients must send (required off loopback)"),
     "allowed_origins": (str, "", "comma-separated browser origins allowed besides the page's own"),
     "tls_cert": (str, None, "PEM certificate: serve https/wss"),
@@ -145,28 +179,10 @@ def _check(values: dict[str, object]) -> None:
 
     if values["backend"] not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {values['backend']!r}")
-    if values["vad_aggressiveness"] not in (0, 1, 2, 3):
-        raise ConfigError(f"vad_aggressiveness must be 0..3, got {values['vad_aggressiveness']}")
-    try:
-        vad_config(values)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    for key in ("workers", "threads", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes",
-                "max_detached"):  # fmt: skip
-        if int(values[key]) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {values[key]}")
-    if not 0 <= int(values["port"]) <= 65535:
-        raise ConfigError(f"port must be 0..65535, got {values['port']}")
-    if float(values["ping_interval_s"]) <= 0:
-        raise ConfigError(f"ping_interval_s must be positive, got {values['ping_interval_s']}")
-    if float(values["retention_days"]) < 0:
-        raise ConfigError(f"retention_days must be 0 (keep nothing) or more, got {values['retention_days']}")
-    if float(values["resume_s"]) < 0:
-        raise ConfigError(f"resume_s must be 0 (off) or more, got {values['resume_s']}")
+    if int(values["threads"]) < 1:
+        raise ConfigError(f"threads must be at least 1, got {values['threads']}")
     if str(values["log_level"]).lower() not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"log_level must be debug, info, warning or error, got {values['log_level']!r}")
-    if not 0.1 <= float(values["update_s"]) <= 5.0:
-        raise ConfigError(f"update_s must be from 0.1 to 5, got {values['update_s']}")
     if bool(values["tls_cert"]) != bool(values["tls_key"]):
         raise ConfigError("tls_cert and tls_key go together: set both or neither")
     if values["token_file"]:
@@ -180,6 +196,10 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(
             f"host {values['host']!r} is not loopback: set token_file (clients must send the token) to listen there"
         )
+    try:
+        server_config(values)  # each setting's own range checks
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def token_path(value: object) -> Path:

@@ -39,6 +39,10 @@ class StreamConfig:
     min_window_s: float = 5.0  # encoder window floor (the audio plus 1 s of silence, at least this)
     vad: VadConfig = field(default_factory=VadConfig)
 
+    def __post_init__(self) -> None:
+        if not 0.1 <= self.update_s <= 5.0:
+            raise ValueError(f"update_s must be from 0.1 to 5, got {self.update_s}")
+
 
 @dataclass
 class Job:

@@ -65,7 +65,7 @@ class VadConfig:
 
     def __post_init__(self) -> None:
         if self.aggressiveness not in (0, 1, 2, 3):
-            raise ValueError(f"vad aggressiveness must be 0..3, got {self.aggressiveness}")
+            raise ValueError(f"vad_aggressiveness must be 0..3, got {self.aggressiveness}")
         if self.frame_ms not in (10, 20, 30):
             raise ValueError(f"vad frame must be 10, 20 or 30 ms, got {self.frame_ms}")
         if self.detector not in DETECTORS:
