@@ -316,7 +316,7 @@ class Daemon:
             if start.resume is not None:
                 source, waiter = self.detached.resume(start, self.stopping)
             else:
-                source, waiter = self._open(start.source, "websocket"), None
+                source, waiter = self.open_source(start.source, "websocket"), None
         except TimeoutError:
             err = ProtocolError("bad_start", f"no start message within {self.config.start_timeout_s:g} s", True)
             return await self._refuse(ws, outbox, sender, err, CloseCode.POLICY_VIOLATION)
@@ -347,7 +347,7 @@ class Daemon:
         else:
             await ws.close(CloseCode.GOING_AWAY if self.stopping else CloseCode.NORMAL_CLOSURE)
 
-    def _open(self, source_id: str | None, kind: str) -> Source:
+    def open_source(self, source_id: str | None, kind: str) -> Source:
         """A new live source (or a ``too_many_streams`` error), for which the oldest detached
         session makes room if the sessions would outnumber ``max_streams``."""
         source = self.hub.open(source_id, kind)
@@ -412,20 +412,20 @@ class Daemon:
                     return fatal
                 if err is not None:
                     self._client_error(source, err)
-                await self._feed(source, samples)
+                await self.feed(source, samples)
         except ConnectionClosed as closed:
             if closed.sent is not None and closed.sent.code == CloseCode.MESSAGE_TOO_BIG:
                 # websockets refused a frame over its own limit: the client broke the protocol.
                 log.info(
                     "source %s: a frame over %d bytes; the stream ends", source.id, 2 * self.config.max_frame_bytes
                 )
-                await self._feed(source, decoder.flush())
+                await self.feed(source, decoder.flush())
                 return ProtocolError(
                     "frame_too_large", "a frame over the websocket size limit", True, CloseCode.MESSAGE_TOO_BIG
                 )
             log.info("source %s: client went away mid-stream", source.id)
             dropped = True
-        await self._feed(source, decoder.flush())
+        await self.feed(source, decoder.flush())
         return _DROPPED if dropped else None
 
     async def _refuse(self, ws, outbox: Outbox, sender: asyncio.Task, err: ProtocolError, code: int) -> None:
@@ -468,7 +468,7 @@ class Daemon:
 
     # --- sources -----------------------------------------------------------------------------
 
-    async def _run_source(self, source: Source, read) -> ProtocolError | None:
+    async def run_source(self, source: Source, read) -> ProtocolError | None:
         """Run ``read`` (the ingest) until it ends, the client goes or the daemon stops; then
         finalise: the last finals and ``end`` are queued to every receiver before this returns."""
         self.scheduler.add(source)
@@ -507,7 +507,9 @@ class Daemon:
         self.hub.close(source)
         self.scheduler.remove(source)
 
-    async def _feed(self, source: Source, samples: np.ndarray) -> None:
+    async def feed(self, source: Source, samples: np.ndarray) -> None:
+        """``samples`` (16 kHz mono float32) into ``source``; waits while its window is full (the
+        engine is behind), so that a protocol's reader stops reading and pushes back on its client."""
         while source.stream.buffered > self.config.max_buffer_s:
             await source.wait_progress()  # the engine is behind: stop reading, push back
         rejected = source.stream.vad_rejected
@@ -521,14 +523,14 @@ class Daemon:
         outbox = Outbox(self.config.max_queue)
         sender = start_sender(outbox, TcpTransport(writer), self.metrics.slow_clients.inc)
         try:
-            source = self._open(None, "tcp")
+            source = self.open_source(None, "tcp")
         except ProtocolError as err:
             outbox.put(error_message(err))
             source = None
         if source is not None:
             source.owner = outbox
             outbox.put(source.ready_message)
-            await self._run_source(source, self._read_tcp(reader, source))
+            await self.run_source(source, self._read_tcp(reader, source))
         outbox.close()
         with contextlib.suppress(asyncio.CancelledError):
             await sender
@@ -541,17 +543,17 @@ class Daemon:
         with contextlib.suppress(ConnectionError):
             while chunk := await reader.read(2 * CHUNK):
                 samples, _ = decoder.decode(chunk)
-                await self._feed(source, samples)
+                await self.feed(source, samples)
 
     def play(self, source_id: str, kind: str, chunks: AsyncIterator[np.ndarray]) -> asyncio.Task:
         """Run a server-side source (a file, the microphone) until its audio ends."""
-        source = self._open(source_id, kind)
+        source = self.open_source(source_id, kind)
 
         async def read() -> None:
             async for samples in chunks:
-                await self._feed(source, samples)
+                await self.feed(source, samples)
 
-        task = asyncio.create_task(self._run_source(source, read()))
+        task = asyncio.create_task(self.run_source(source, read()))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
