@@ -192,7 +192,7 @@ def test_decode_greedy_batch_equals_decoding_each_window_alone(engine, backend, 
     features = backend.encode_batch(mels)
     prompts, prefixed, options = _requests(tok, len(mels))
     batched = backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed)
-    assert backend._state is not None and backend._state.capacity == 4  # one batch bucket, one launch per step
+    assert backend.greedy.state is not None and backend.greedy.state.capacity == 4  # one batch bucket, one launch per step
     for f, opts, got in zip(features, options, batched, strict=True):
         alone = decode(backend, f, tok, opts, w.suppress_tokens, w.suppress_tokens_begin)
         assert got.tokens == alone.tokens
@@ -249,7 +249,7 @@ def test_cuda_graph_replay_equals_eager_steps(engine, gpu_backend, mels, rules):
     gpu_backend.use_graphs = True
     graphed = gpu_backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed)
     again = gpu_backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed)
-    assert gpu_backend._graphs, "the steps ran as CUDA graphs"
+    assert gpu_backend.greedy.graphs, "the steps ran as CUDA graphs"
     assert graphed == eager == again
 
 

@@ -10,11 +10,12 @@ hundreds of live streams from one GPU:
 
 - :meth:`CudaBackend.encode_batch` encodes windows of different lengths together, padded to
   frame buckets with a key-padding mask, so every window's features equal its unbatched ones;
-- :meth:`CudaBackend.decode_greedy_batch` decodes many windows greedily at once: one launch per
-  step for every stream, on a self-attention KV cache and cross-attention K/V preallocated on the
-  device, argmax on the device, so only the chosen tokens cross to the host at the end. On CUDA
-  each fixed-shape step is captured once as a CUDA graph per (batch, audio, text) bucket and
-  replayed; elsewhere the same step function runs eagerly;
+- :meth:`CudaBackend.decode_greedy_batch` decodes many windows greedily at once
+  (:mod:`~whisper_engine.backends.cuda_greedy`): one launch per step for every stream, on a
+  self-attention KV cache and cross-attention K/V preallocated on the device, argmax on the
+  device, so only the chosen tokens cross to the host at the end. On CUDA each fixed-shape step
+  is captured once as a CUDA graph per (batch, audio, text) bucket and replayed; elsewhere the
+  same step function runs eagerly;
 - :meth:`CudaBackend.alignment_batch` runs the word-timing pass of many windows in one launch, and
   :meth:`CudaBackend.alignment_matrix_batch` also reduces its scores to DTW costs there.
 
@@ -40,6 +41,7 @@ from ..decoding import GreedyRules
 from ..mel import HOP_LENGTH, N_FFT, mel_filters
 from ..tokenizer import WhisperTokenizer
 from ..weights import WhisperWeights
+from .cuda_greedy import GreedyDecoder
 
 __all__ = ["CudaBackend", "TorchFeatures", "device_label"]
 
@@ -52,14 +54,6 @@ def device_label(device: torch.device) -> str:
         index = device.index if device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     return f"{device.type} (torch)"
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``n`` (the largest one when none does)."""
-    for b in buckets:
-        if n <= b:
-            return b
-    return buckets[-1]
 
 
 @dataclass
@@ -104,14 +98,14 @@ class _Session(DecoderSession):
 
         cross_k = [c.expand(b, -1, -1, -1) for c in self.cross_k]
         cross_v = [c.expand(b, -1, -1, -1) for c in self.cross_v]
-        hidden, captured = be._decoder_layers(x, write, mask, cross_k, cross_v, None, capture=capture)
+        hidden, captured = be.decoder_layers(x, write, mask, cross_k, cross_v, None, capture=capture)
         self.length = end
         return hidden, captured
 
     @torch.inference_mode()
     def step(self, tokens: np.ndarray, positions: Sequence[int] = (-1,)) -> np.ndarray:
         hidden, _ = self.forward(tokens)
-        return self.backend._logits(hidden[:, list(positions)]).cpu().numpy()
+        return self.backend.logits(hidden[:, list(positions)]).cpu().numpy()
 
     @torch.inference_mode()
     def reorder(self, source: np.ndarray) -> None:
@@ -121,82 +115,6 @@ class _Session(DecoderSession):
         index = torch.as_tensor(source, dtype=torch.int64, device=self.backend.device)
         self.self_k = [c.index_select(0, index) for c in self.self_k]
         self.self_v = [c.index_select(0, index) for c in self.self_v]
-
-
-class _DecodeState:
-    """Static device buffers of the batched greedy decoder for ``capacity`` rows.
-
-    Fixed addresses are what lets a captured CUDA graph be replayed: each call copies its inputs
-    into these buffers, and every bucket's graph works on views of them.
-    """
-
-    def __init__(self, capacity: int, backend: CudaBackend) -> None:
-        d, dev, dt = backend.dims, backend.device, backend.dtype
-        dh = d.n_text_state // d.n_text_head
-        self.capacity = capacity
-        kv = (capacity, d.n_text_head, d.n_text_ctx, dh)
-        cross = (capacity, d.n_text_head, d.n_audio_ctx, dh)
-        self.self_k = [torch.zeros(kv, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
-        self.self_v = [torch.zeros(kv, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
-        self.cross_k = [torch.zeros(cross, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
-        self.cross_v = [torch.zeros(cross, device=dev, dtype=dt) for _ in range(d.n_text_layer)]
-        self.cross_mask = torch.ones(capacity, 1, 1, d.n_audio_ctx, device=dev, dtype=torch.bool)
-        self.tokens = torch.zeros(capacity, device=dev, dtype=torch.int64)
-        self.pos = torch.zeros(capacity, device=dev, dtype=torch.int64)
-        self.limit = torch.zeros(capacity, device=dev, dtype=torch.int64)
-        self.done = torch.ones(capacity, device=dev, dtype=torch.bool)
-        self.sum_lp = torch.zeros(capacity, device=dev, dtype=torch.float32)
-        self.out = torch.zeros(capacity, d.n_text_ctx, device=dev, dtype=torch.int64)
-        self.lps = torch.zeros(capacity, d.n_text_ctx, device=dev, dtype=torch.float32)  # per-token log-probs
-        self.step = torch.zeros((), device=dev, dtype=torch.int64)
-        self.eot = torch.zeros((), device=dev, dtype=torch.int64)
-        self.bias = torch.zeros(d.n_vocab, device=dev, dtype=torch.float32)  # -inf on suppressed tokens
-        self.rows = torch.arange(capacity, device=dev)
-        self.text_range = torch.arange(d.n_text_ctx, device=dev)
-
-    def mutable(self) -> list[Tensor]:
-        """What one step changes besides the KV cache (saved around a graph's warm-up)."""
-        return [self.tokens, self.pos, self.done, self.sum_lp, self.out, self.lps, self.step]
-
-    def nbytes_per_row(self) -> int:
-        tensors = [*self.self_k, *self.self_v, *self.cross_k, *self.cross_v, self.cross_mask, self.out, self.lps]
-        return sum(t.element_size() * t.numel() for t in tensors) // self.capacity
-
-    def nbytes(self) -> int:
-        return self.nbytes_per_row() * self.capacity
-
-
-class _RowWatch:
-    """The batched rows' tokens as they reach the host, for the loop guard.
-
-    A row is checked after each new non-eot token, as :func:`whisper_engine.decoding.decode` does, so where
-    it stops (and what it keeps) does not depend on how often tokens are copied back.
-    """
-
-    def __init__(self, limits: list[int], eot: int, looping: Callable[[int, list[int]], bool]) -> None:
-        self.limits, self.eot, self.looping = limits, eot, looping
-        self.tokens: list[list[int]] = [[] for _ in limits]  # generated so far, eot included
-        self.open = [True] * len(limits)
-        self.looped = [False] * len(limits)
-        self.seen = 0  # columns fed so far
-
-    def feed(self, columns: np.ndarray) -> list[int]:
-        """Take the next columns ``[n, k]`` of every row's tokens; return rows that just looped."""
-        stopped = []
-        for r, new in enumerate(columns.tolist()):
-            tokens = self.tokens[r]
-            for t in new:
-                if not self.open[r] or len(tokens) >= self.limits[r]:
-                    self.open[r] = False
-                    break
-                tokens.append(t)
-                if t == self.eot:
-                    self.open[r] = False
-                elif self.looping(r, tokens):
-                    self.open[r], self.looped[r] = False, True
-                    stopped.append(r)
-        self.seen += columns.shape[1]
-        return stopped
 
 
 class CudaBackend(BatchedBackend):
@@ -235,9 +153,7 @@ class CudaBackend(BatchedBackend):
         self.use_graphs = self.device.type == "cuda" and os.environ.get("STREAMD_CUDA_GRAPHS", "1") != "0"
         self._label = device_label(self.device)
         self._load(weights)
-        self._state: _DecodeState | None = None
-        self._graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
-        self._graph_pool = None
+        self.greedy = GreedyDecoder(self)
         self._lock = threading.Lock()
         self._rules: GreedyRules | None = None
 
@@ -483,7 +399,7 @@ class CudaBackend(BatchedBackend):
 
     # -- decoder ---------------------------------------------------------------------------
 
-    def _decoder_layers(
+    def decoder_layers(
         self,
         x: Tensor,
         write,
@@ -521,13 +437,13 @@ class CudaBackend(BatchedBackend):
             x = x + F.linear(hidden, *layer["fc2"])
         return F.layer_norm(x, (d.n_text_state,), *self.dec_ln), captured
 
-    def _logits(self, hidden: Tensor) -> Tensor:
+    def logits(self, hidden: Tensor) -> Tensor:
         """Vocabulary logits (tied to the embedding), float32."""
         if self.embedding_t is not None:
             return (hidden @ self.embedding_t).float()
         return F.linear(hidden, self.embedding).float()
 
-    def _cross_kv(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    def cross_kv(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """Cross-attention K and V ``[B, H, T, dh]`` of every layer for features ``[B, T, d]``."""
         d = self.dims
         b, t, _ = x.shape
@@ -541,7 +457,7 @@ class CudaBackend(BatchedBackend):
 
     def _cross(self, features: TorchFeatures) -> tuple[list[Tensor], list[Tensor]]:
         if features.cross is None:
-            keys, values = self._cross_kv(features.x[None])
+            keys, values = self.cross_kv(features.x[None])
             features.cross = ([k.contiguous() for k in keys], [v.contiguous() for v in values])
         return features.cross
 
@@ -610,7 +526,7 @@ class CudaBackend(BatchedBackend):
         if min(lengths) < 1 or max(lengths) > self.dims.n_text_ctx:
             raise ValueError(f"token rows must hold 1 to {self.dims.n_text_ctx} tokens, got lengths {lengths}")
         x = torch.nn.utils.rnn.pad_sequence([f.x for f in feats], batch_first=True)
-        cross_k, cross_v = self._cross_kv(x)
+        cross_k, cross_v = self.cross_kv(x)
         cross_mask = None
         if min(frames) < max(frames):
             valid = torch.arange(max(frames), device=dev)[None, :] < torch.tensor(frames, device=dev)[:, None]
@@ -621,7 +537,7 @@ class CudaBackend(BatchedBackend):
             padded[i, : len(row)] = row
         tokens = torch.from_numpy(padded).to(dev)
         x = self.embedding[tokens] + self.text_positions[:width]
-        _, captured = self._decoder_layers(
+        _, captured = self.decoder_layers(
             x,
             lambda li, k, v: (k, v),
             None,
@@ -633,14 +549,11 @@ class CudaBackend(BatchedBackend):
         )
         return torch.stack(captured, 1)
 
-    # -- batched greedy decoding -----------------------------------------------------------
+    # -- batched greedy decoding (cuda_greedy.py) ---------------------------------------------
 
     def decode_state_bytes_per_stream(self) -> int:
         """Device memory the batched decoder reserves per stream (KV cache, cross K/V, outputs)."""
-        d = self.dims
-        elem = torch.finfo(self.dtype).bits // 8
-        kv = 2 * d.n_text_layer * d.n_text_state * (d.n_text_ctx + d.n_audio_ctx) * elem
-        return kv + d.n_audio_ctx + (8 + 4) * d.n_text_ctx  # cross mask, tokens out, log-probs out
+        return self.greedy.bytes_per_stream()
 
     def greedy_rules(self, tok: WhisperTokenizer) -> GreedyRules:
         """The token masks of streaming decoding for this model, built once."""
@@ -651,7 +564,7 @@ class CudaBackend(BatchedBackend):
     def memory_report(self) -> dict[str, int]:
         """Device memory for ``/metrics`` and ``/healthz``: the batched decoder's static state
         (rows it holds, bytes, bytes per stream) and, on CUDA, torch's allocator counters."""
-        state = self._state
+        state = self.greedy.state
         report = {
             "decode_state_bytes_per_stream": self.decode_state_bytes_per_stream(),
             "decode_state_rows": state.capacity if state is not None else 0,
@@ -662,78 +575,6 @@ class CudaBackend(BatchedBackend):
             report["reserved_bytes"] = int(torch.cuda.memory_reserved(self.device))
             report["peak_allocated_bytes"] = int(torch.cuda.max_memory_allocated(self.device))
         return report
-
-    def _state_for(self, rows: int) -> _DecodeState:
-        """The static buffers, grown to the batch bucket of ``rows`` (growing drops the graphs
-        captured on the old buffers)."""
-        if self._state is None or self._state.capacity < rows:
-            self._graphs.clear()
-            self._graph_pool = None  # torch frees a pool with its last graph: the old handle is dead
-            self._state = None
-            self._state = _DecodeState(_bucket(rows, self.batch_buckets), self)
-        return self._state
-
-    def _step(self, st: _DecodeState, b: int, a: int, s: int) -> None:
-        """One greedy step of rows ``[:b]``, attending to ``a`` encoder positions and ``s`` cache
-        slots; reads and writes only ``st``'s buffers, so it can be captured as a CUDA graph."""
-        rows, pos = st.rows[:b], st.pos[:b]
-        x = (self.embedding[st.tokens[:b]] + self.text_positions[pos])[:, None]
-        self_mask = (st.text_range[:s][None, :] <= pos[:, None])[:, None, None, :]
-
-        def write(li: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            cache_k, cache_v = st.self_k[li][:b], st.self_v[li][:b]
-            cache_k[rows, :, pos] = k[:, :, 0]
-            cache_v[rows, :, pos] = v[:, :, 0]
-            return cache_k[:, :, :s], cache_v[:, :, :s]
-
-        cross_k = [c[:b, :, :a] for c in st.cross_k]
-        cross_v = [c[:b, :, :a] for c in st.cross_v]
-        hidden, _ = self._decoder_layers(x, write, self_mask, cross_k, cross_v, st.cross_mask[:b, :, :, :a])
-        logits = self._logits(hidden[:, 0]) + st.bias
-        live = ~st.done[:b]
-        chosen = logits.argmax(-1)
-        logprob = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
-        logprob = torch.where(live, logprob, 0.0)
-        st.sum_lp[:b] += logprob
-        chosen = torch.where(live, chosen, st.eot)
-        column = st.step.view(1, 1).expand(b, 1)
-        st.out[:b].scatter_(1, column, chosen[:, None])
-        st.lps[:b].scatter_(1, column, logprob[:, None])
-        st.done[:b] |= (chosen == st.eot) | (st.step + 1 >= st.limit[:b])
-        st.tokens[:b] = chosen
-        st.pos[:b] = (pos + 1).clamp(max=self.dims.n_text_ctx - 1)
-        st.step.copy_((st.step + 1).clamp(max=self.dims.n_text_ctx - 1))
-
-    def _run_step(self, st: _DecodeState, b: int, a: int, s: int) -> None:
-        if not self.use_graphs:
-            self._step(st, b, a, s)
-            return
-        graph = self._graphs.get((b, a, s))
-        if graph is None:
-            graph = self._capture(st, b, a, s)
-        graph.replay()
-
-    def _capture(self, st: _DecodeState, b: int, a: int, s: int) -> torch.cuda.CUDAGraph:
-        """Capture one step for this bucket (CUDA only). Warm-up runs execute for real, so the
-        state they advance is put back; the KV slots they write are rewritten by the real step."""
-        saved = [t.clone() for t in st.mutable()]
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(st, b, a, s)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        for t, v in zip(st.mutable(), saved, strict=True):
-            t.copy_(v)
-        if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        # Every graph keeps its results in ``st``, so one pool serves all of them: no two replay at once.
-        # thread_local: another engine thread's launches (an encode, say) may go on during capture.
-        with torch.cuda.graph(graph, pool=self._graph_pool, capture_error_mode="thread_local"):
-            self._step(st, b, a, s)
-        self._graphs[(b, a, s)] = graph
-        return graph
 
     @torch.inference_mode()
     def decode_greedy_batch(
@@ -767,120 +608,14 @@ class CudaBackend(BatchedBackend):
             for first in range(0, len(prompts), chunk):
                 part = slice(first, first + chunk)
                 guard = None if looping is None else (lambda row, toks, first=first: looping(first + row, toks))
-                results += self._greedy(features_list[part], prompts[part], limits[part], prefixed[part], rules, guard)
+                results += self.greedy.decode(
+                    features_list[part], prompts[part], limits[part], prefixed[part], rules, guard
+                )
         return results
 
     def _on_device(self) -> contextlib.AbstractContextManager:
         """Graph capture and replay use the current CUDA device: make it this backend's."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
-
-    def _greedy(
-        self,
-        feats: Sequence[TorchFeatures],
-        prompts: Sequence[Sequence[int]],
-        limits: list[int],
-        prefixed: list[bool],
-        rules: GreedyRules,
-        looping: Callable[[int, list[int]], bool] | None = None,
-    ) -> list[GreedyResult]:
-        d, dev = self.dims, self.device
-        n = len(prompts)
-        if n == 0:
-            return []
-        lengths = [len(p) for p in prompts]
-        if min(lengths) < 1 or max(lengths) >= d.n_text_ctx:
-            raise ValueError(f"prompts must hold 1 to {d.n_text_ctx - 1} tokens")
-        limits = [max(1, min(m, d.n_text_ctx - length)) for m, length in zip(limits, lengths, strict=True)]
-        b = _bucket(n, self.batch_buckets)
-        st = self._state_for(b)
-        frames = [f.x.shape[0] for f in feats]
-        a = _bucket(max(frames), self.audio_buckets)
-
-        # Cross K/V of every window into the static buffers, padded positions masked out.
-        x = torch.nn.utils.rnn.pad_sequence([f.x for f in feats], batch_first=True)
-        keys, values = self._cross_kv(F.pad(x, (0, 0, 0, a - x.shape[1])))
-        for li in range(d.n_text_layer):
-            st.cross_k[li][:n, :, :a] = keys[li]
-            st.cross_v[li][:n, :, :a] = values[li]
-        t_audio = torch.tensor(frames, device=dev)
-        st.cross_mask[:n, 0, 0, :a] = torch.arange(a, device=dev)[None, :] < t_audio[:, None]
-        st.cross_mask[n:b] = True  # unused rows: finite attention, results ignored
-
-        # The prompts in one causal pass, right-padded; each row's last real position picks its
-        # first token. Cache slots past a row's prompt are overwritten before they are attended.
-        width = max(lengths)
-        padded = np.full((n, width), rules.eot, np.int64)
-        for i, p in enumerate(prompts):
-            padded[i, : len(p)] = p
-        tokens = torch.from_numpy(padded).to(dev)
-        x = self.embedding[tokens] + self.text_positions[:width]
-
-        def write(li: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-            st.self_k[li][:n, :, :width] = k
-            st.self_v[li][:n, :, :width] = v
-            return k, v
-
-        cross_k = [c[:n, :, :a] for c in st.cross_k]
-        cross_v = [c[:n, :, :a] for c in st.cross_v]
-        hidden, _ = self._decoder_layers(
-            x, write, None, cross_k, cross_v, st.cross_mask[:n, :, :, :a], is_causal=width > 1
-        )
-        rows = torch.arange(n, device=dev)
-        last = torch.tensor(lengths, device=dev) - 1
-        st.bias.zero_()
-        st.bias[list(rules.suppress)] = -torch.inf
-        logits = self._logits(hidden[rows, last]) + st.bias
-        begin = torch.zeros(d.n_vocab, device=dev, dtype=torch.bool)
-        begin[list(rules.begin_suppress)] = True
-        no_prefix = torch.tensor([not p for p in prefixed], device=dev)
-        logits.masked_fill_(no_prefix[:, None] & begin[None, :], -torch.inf)
-        chosen = logits.argmax(-1)
-        st.sum_lp[:n] = logits.log_softmax(-1).gather(1, chosen[:, None])[:, 0]
-        st.lps[:n, 0] = st.sum_lp[:n]
-        st.limit[:n] = torch.tensor(limits, device=dev)
-        st.eot.fill_(rules.eot)
-        st.out[:n, 0] = chosen
-        st.done[:n] = (chosen == rules.eot) | (st.limit[:n] <= 1)
-        st.done[n:b] = True
-        st.tokens[:n] = chosen
-        st.tokens[n:b] = rules.eot
-        st.pos[:n] = last + 1
-        st.pos[n:b] = 0
-        st.step.fill_(1)
-        no_speech = torch.full((n,), float("nan"), device=dev)
-        sot = [p.index(rules.sot) if rules.sot in p else -1 for p in map(list, prompts)]
-        with_sot = [i for i, s in enumerate(sot) if s >= 0]
-        if with_sot and rules.no_speech >= 0:
-            idx = torch.tensor(with_sot, device=dev)
-            at = torch.tensor([sot[i] for i in with_sot], device=dev)
-            probs = self._logits(hidden[idx, at]).softmax(-1)[:, rules.no_speech]
-            no_speech[idx] = probs
-
-        steps = max(limits)
-        watch = None if looping is None else _RowWatch(limits, rules.eot, looping)
-        for i in range(1, steps):
-            self._run_step(st, b, a, _bucket(min(width + i, d.n_text_ctx), self.text_buckets))
-            if i % self.done_check_every == 0:
-                if watch is not None and (stopped := watch.feed(st.out[:n, watch.seen : i + 1].cpu().numpy())):
-                    st.done[torch.tensor(stopped, device=dev)] = True
-                if bool(st.done[:n].all()):
-                    break
-        out = st.out[:n, :steps].cpu().numpy()
-        lps = st.lps[:n, :steps].cpu().numpy()
-        no_speech_host = no_speech.cpu().numpy()
-        if watch is not None:
-            watch.feed(out[:, watch.seen :])
-        results = []
-        for i in range(n):
-            row = watch.tokens[i] if watch is not None else out[i, : limits[i]].tolist()
-            if rules.eot in row:
-                row = row[: row.index(rules.eot) + 1]
-            row_lps = lps[i, : len(row)].astype(np.float64)
-            if row and row[-1] == rules.eot:
-                row = row[:-1]
-            looped = watch is not None and watch.looped[i]
-            results.append(GreedyResult(row, float(row_lps.sum()), float(no_speech_host[i]), row_lps.tolist(), looped))
-        return results
 
 
 def _alignment_matrices(scores: Tensor, lengths: Sequence[int], n_audio: Sequence[int], width: int) -> Tensor:
