@@ -5,7 +5,7 @@ shape, and a ``manifest.json`` describing them.
 Why a script: the artifacts need the AIE toolchain (mlir-aie's ``aie`` Python package and
 ``aiecc.py``, Peano/llvm-aie, XRT's ``xclbinutil``), which the build machines do not have. On a
 box that has it this compiles kernels/*.cc for AIE2 with Peano, runs each design in mlir/ for
-each Whisper tiny.en shape (from npu/xdna/tiling.py) and compiles the MLIR with aiecc.py. Where
+each Whisper tiny.en shape (from npu/xdna/tiling/) and compiles the MLIR with aiecc.py. Where
 something is missing it says what and how to install it, and exits 2.
 
     python3 mlir/build.py                      # everything, into build/xdna/

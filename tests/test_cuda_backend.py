@@ -192,7 +192,8 @@ def test_decode_greedy_batch_equals_decoding_each_window_alone(engine, backend, 
     features = backend.encode_batch(mels)
     prompts, prefixed, options = _requests(tok, len(mels))
     batched = backend.decode_greedy_batch(features, prompts, 40, rules=rules, prefixed=prefixed)
-    assert backend.greedy.state is not None and backend.greedy.state.capacity == 4  # one batch bucket, one launch per step
+    state = backend.greedy.state
+    assert state is not None and state.capacity == 4  # one batch bucket, one launch per step
     for f, opts, got in zip(features, options, batched, strict=True):
         alone = decode(backend, f, tok, opts, w.suppress_tokens, w.suppress_tokens_begin)
         assert got.tokens == alone.tokens
