@@ -4,7 +4,6 @@ applied to many windows at once on the device."""
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -15,7 +14,6 @@ from whisper_engine.mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE
 from whisper_engine.tokenizer import WhisperTokenizer
 from whisper_engine.weights import load_weights
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 TOKENS_PER_S = 8  # decode budget per second of audio: about twice fast English speech
 
 

@@ -33,7 +33,8 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from _gpu import CORPUS, gpu_memory, load, reset_peak, sync, token_budget, window_mels
+from _gpu import gpu_memory, load, reset_peak, sync, token_budget, window_mels
+from harness import CORPUS
 
 from streamd.audio import load_audio
 from whisper_engine.mel import SAMPLE_RATE

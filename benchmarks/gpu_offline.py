@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from _gpu import CORPUS, gpu_memory, load, reset_peak, sync, token_budget, window_mels
+from _gpu import gpu_memory, load, reset_peak, sync, token_budget, window_mels
+from harness import CORPUS
 
 from streamd.audio import load_audio
 from streamd.vad import plan_windows, speech_regions

@@ -24,6 +24,7 @@ import jiwer
 from whisper_normalizer.english import EnglishTextNormalizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import SHARED
 from stream_sim import simulate
 
 from streamd.audio import load_audio
@@ -32,7 +33,6 @@ from streamd.vad import VadConfig
 from whisper_engine.engine import Engine
 from whisper_engine.guard import WindowGuard
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 NONE = WindowGuard(no_speech=None)
 WHISPER = WindowGuard()  # no-speech probability > 0.6 with average log-probability < -1 (the default)
 VARIANTS = {

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from harness import SHARED
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "corpus"
 RATES = (8000, 11025, 16000, 22050, 32000, 44100, 48000)
 CONTAINERS = (("wav", "WAV", "PCM_16"), ("flac", "FLAC", "PCM_16"), ("ogg", "OGG", "VORBIS"))
 

@@ -28,12 +28,12 @@ import numpy as np
 from whisper_normalizer.english import EnglishTextNormalizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import SHARED
 from stream_ws import cpu_seconds, replay, start_daemon
 
 from streamd.audio import load_audio
 from streamd.vad import VadConfig, detector_cpu_seconds, plan_windows, speech_regions
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "corpus"
 NONSPEECH = sorted((SHARED / "nonspeech").glob("*.wav"))
 DEV = sorted((SHARED / "dev").glob("*.wav"))
 MUSIC_LOOP = SHARED / "nonspeech" / "music_alley_loop.wav"

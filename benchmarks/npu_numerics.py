@@ -11,17 +11,15 @@ the CPU one on the dev corpus.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import CORPUS
 from scipy.special import erf
 
 from npu import golden
 from npu.golden.mel import log_mel as npu_log_mel
 from streamd.audio import load_audio
 from whisper_engine.mel import log_mel as cpu_log_mel
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 
 
 def bf16(x: np.ndarray) -> np.ndarray:

@@ -11,16 +11,15 @@ Rows: the shipped precisions (npu/quant.py), and int8 activations everywhere for
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
+from harness import CORPUS
 
 from npu.backends.golden import GoldenBackend
 from streamd.audio import load_audio
 from whisper_engine.engine import Engine
 from whisper_engine.transcribe import TranscribeOptions, transcribe
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 SOT = [50257, 50362]
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+from harness import CORPUS
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
@@ -24,7 +25,6 @@ from streamd.jobs import run_job
 from streamd.stream import Final, Partial, Stream, StreamConfig
 from whisper_engine.engine import Engine
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 CHUNK_S = 0.1
 
 

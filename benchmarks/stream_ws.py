@@ -34,12 +34,12 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
+from harness import CORPUS
 from websockets.asyncio.client import connect
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 DEFAULT = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
 CHUNK_S = 0.1
 TICK = os.sysconf("SC_CLK_TCK")

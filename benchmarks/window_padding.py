@@ -10,16 +10,14 @@ over. This prints WER, loops caught and padded retries for each policy (greedy, 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import jiwer
+from harness import CORPUS
 from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
 from whisper_engine.engine import Engine
 from whisper_engine.transcribe import TranscribeOptions, transcribe
-
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 
 # (name, tail frames of silence, minimum window frames, retry padded on failure, pad to 30 s)
 POLICIES = [

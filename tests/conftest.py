@@ -20,13 +20,15 @@ CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "dev"
 
 
 def load_benchmark(name: str):
-    """``benchmarks/NAME.py`` as a module (the folder holds scripts, not a package)."""
+    """``benchmarks/NAME.py`` as a module (the folder holds scripts, not a package), with the
+    folder on the path as running the script puts it there (the scripts share ``harness.py``)."""
     import importlib.util
     import sys
 
-    spec = importlib.util.spec_from_file_location(
-        name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    )
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module

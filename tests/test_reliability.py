@@ -33,6 +33,7 @@ from whisper_engine.engine import Engine
 from .conftest import load_benchmark, reference, speech_file
 
 ROOT = Path(__file__).resolve().parents[1]
+harness = load_benchmark("harness")
 rel = load_benchmark("reliability")
 
 JFK = speech_file("dev_jfk_inaugural_1961")
@@ -41,7 +42,7 @@ LONG = speech_file("dev_librispeech_1221-135766-0001")  # 16.7 s
 
 def serve_options(resume_s: float | None = 0.0, *extra: str) -> list[str]:
     options = ["--backend", "cpu", "--workers", "2", "--threads", "1", "--update-s", "1.0", *extra]
-    if resume_s is not None and rel.supports("--resume-s"):
+    if resume_s is not None and harness.supports("--resume-s"):
         options += ["--resume-s", f"{resume_s:g}"]
     return options
 
@@ -57,9 +58,9 @@ def serve_options(resume_s: float | None = 0.0, *extra: str) -> list[str]:
 async def test_churn_with_abrupt_cuts_leaves_no_descriptors_or_tasks_behind(cycles, resume_s):
     """A third of the cycles tear the TCP connection down in the middle of a frame. Where the
     daemon keeps a dropped session for resuming, those sessions wait and then finalise."""
-    if resume_s and not rel.supports("--resume-s"):
+    if resume_s and not harness.supports("--resume-s"):
         pytest.skip("this daemon has no --resume-s")
-    with rel.DaemonProcess(serve_options(resume_s)) as d:
+    with harness.DaemonProcess(serve_options(resume_s)) as d:
         result = await rel.run_churn(
             d, cycles, concurrency=8, settle_timeout_s=30 + resume_s, log=lambda _: None, resume_s=resume_s
         )
@@ -77,7 +78,7 @@ async def test_churn_with_abrupt_cuts_leaves_no_descriptors_or_tasks_behind(cycl
 def test_a_cut_frame_is_a_real_websocket_frame_cut_short():
     rng = np.random.default_rng(0)
     payload = bytes(range(200))
-    wire = rel.masked_frame(payload, rng)
+    wire = harness.masked_frame(payload, rng)
     assert wire[:4] == bytes([0x82, 0x80 | 126, 0, 200]) and len(wire) == 4 + 4 + 200
     mask = np.resize(np.frombuffer(wire[4:8], np.uint8), 200)
     assert (np.frombuffer(wire[8:], np.uint8) ^ mask).tobytes() == payload
@@ -130,7 +131,7 @@ def _raw_viewer(port: int, source: str) -> socket.socket:
 
 
 def _masked_text(text: bytes) -> bytes:
-    frame = bytearray(rel.masked_frame(text, np.random.default_rng(0)))
+    frame = bytearray(harness.masked_frame(text, np.random.default_rng(0)))
     frame[0] = 0x81  # a text frame
     return bytes(frame)
 
@@ -178,7 +179,7 @@ class _RssSampler:
 
     def _run(self) -> None:
         while not self._stop.wait(0.2):
-            self.samples.append(rel.rss_kib(self.pid))
+            self.samples.append(harness.rss_kib(self.pid))
 
     def stop(self) -> list[int]:
         self._stop.set()
@@ -188,11 +189,11 @@ class _RssSampler:
 
 async def test_a_viewer_that_never_reads_and_a_stalled_sender_cost_a_normal_stream_nothing():
     jfk_audio, long_audio = load_audio(JFK), load_audio(LONG)
-    with rel.DaemonProcess(serve_options(None)) as d:
+    with harness.DaemonProcess(serve_options(None)) as d:
         port = int(d.http.rsplit(":", 1)[1])
         # The normal stream alone, at real-time pace: the latency and memory to compare with.
         sampler = _RssSampler(d.pid)
-        alone = await rel.stream_audio(d.url, jfk_audio, "normal")
+        alone = await harness.stream_audio(d.url, jfk_audio, "normal")
         baseline_rss = max(sampler.stop())
 
         # The bad clients: a viewer of the normal stream that never reads; a viewer that never
@@ -202,13 +203,13 @@ async def test_a_viewer_that_never_reads_and_a_stalled_sender_cost_a_normal_stre
         passive = _raw_viewer(port, "normal")
         flooder = _raw_viewer(port, "nobody")
         stalled = await connect(d.url, max_size=None)
-        await stalled.send(rel.start_message("stalled"))
+        await stalled.send(harness.start_message("stalled"))
         assert json.loads(await stalled.recv())["type"] == "ready"
-        split = 6 * rel.SR  # mid-sentence
-        for i in range(0, split, rel.FRAME):
-            await stalled.send(rel.pcm16(long_audio[i : i + rel.FRAME]))
+        split = 6 * harness.SR  # mid-sentence
+        for i in range(0, split, harness.FRAME):
+            await stalled.send(harness.pcm16(long_audio[i : i + harness.FRAME]))
         flooding = asyncio.create_task(_flood(d, flooder))
-        busy = await rel.stream_audio(d.url, jfk_audio, "normal")
+        busy = await harness.stream_audio(d.url, jfk_audio, "normal")
         sent = await flooding
         health = await asyncio.to_thread(d.health)
         cut_off = await asyncio.to_thread(_slow_clients, d)
@@ -222,8 +223,8 @@ async def test_a_viewer_that_never_reads_and_a_stalled_sender_cost_a_normal_stre
                 received.append(json.loads(text))
 
         receiving = asyncio.create_task(receive())
-        for i in range(split, len(long_audio), rel.FRAME):
-            await stalled.send(rel.pcm16(long_audio[i : i + rel.FRAME]))
+        for i in range(split, len(long_audio), harness.FRAME):
+            await stalled.send(harness.pcm16(long_audio[i : i + harness.FRAME]))
         await stalled.send(json.dumps({"type": "stop"}))
         await asyncio.wait_for(receiving, 60)
         watched = _read_all(passive, 2.0)
@@ -233,7 +234,7 @@ async def test_a_viewer_that_never_reads_and_a_stalled_sender_cost_a_normal_stre
 
     for run in (alone, busy):
         assert run.ended and not run.errors and not run.failure
-        assert rel.wer(reference(JFK), run.text) <= 0.2, run.text
+        assert harness.wer(reference(JFK), run.text) <= 0.2, run.text
     p90_alone = np.percentile([lat for _, lat in alone.final_latencies], 90)
     p90_busy = np.percentile([lat for _, lat in busy.final_latencies], 90)
     print(
@@ -250,7 +251,7 @@ async def test_a_viewer_that_never_reads_and_a_stalled_sender_cost_a_normal_stre
     assert bad_rss <= baseline_rss + 20 * 1024, (baseline_rss, bad_rss)
     stalled_text = " ".join(m["text"] for m in received if m["type"] == "final")
     assert received[-1]["type"] == "end" and not [m for m in received if m["type"] == "error"]
-    assert rel.wer(reference(LONG), stalled_text) <= 0.25, stalled_text
+    assert harness.wer(reference(LONG), stalled_text) <= 0.25, stalled_text
     assert not problems, problems
 
 
@@ -376,10 +377,10 @@ async def test_an_engine_fault_mid_window_errs_that_stream_once_and_it_recovers(
     # Its next windows decode again: captions after the error, and the whole sentence in the end.
     later = [m for m in faulted if m["type"] in ("partial", "final") and m["seq"] > errors[0]["seq"]]
     assert any(m["type"] == "final" for m in later) and faulted[-1]["type"] == "end"
-    assert rel.wer(reference(LONG), " ".join(m["text"] for m in faulted if m["type"] == "final")) <= 0.2
+    assert harness.wer(reference(LONG), " ".join(m["text"] for m in faulted if m["type"] == "final")) <= 0.2
     # The other stream never knew.
     assert not [m for m in steady if m["type"] == "error"] and steady[-1]["type"] == "end"
-    assert rel.wer(reference(JFK), " ".join(m["text"] for m in steady if m["type"] == "final")) <= 0.2
+    assert harness.wer(reference(JFK), " ".join(m["text"] for m in steady if m["type"] == "final")) <= 0.2
     assert health["engine"]["failures"] == 1
 
 
