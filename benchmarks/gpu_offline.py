@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 from _gpu import gpu_memory, load, reset_peak, sync, token_budget, window_mels
-from harness import CORPUS
+from harness import CORPUS, corpus_wer, reference
 
 from streamd.audio import load_audio
 from streamd.vad import plan_windows, speech_regions
@@ -74,15 +74,8 @@ def run_pass(backend, tok, rules, windows: list[np.ndarray]) -> Pass:
     return Pass(done - started, t_mel - started, t_enc - t_mel, done - t_enc, texts)
 
 
-def wer(files: list[Path], texts: list[str]) -> float | None:
-    try:
-        import jiwer
-        from whisper_normalizer.english import EnglishTextNormalizer
-    except ImportError:
-        return None
-    norm = EnglishTextNormalizer()
-    refs = [norm(f.with_suffix(".txt").read_text(encoding="utf-8")) for f in files]
-    return jiwer.wer(refs, [norm(t) for t in texts])
+def wer(files: list[Path], texts: list[str]) -> float:
+    return corpus_wer([reference(f) for f in files], texts)
 
 
 def main() -> None:

@@ -20,11 +20,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import jiwer
-from whisper_normalizer.english import EnglishTextNormalizer
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SHARED
+from harness import SHARED, corpus_wer, reference
 from stream_sim import simulate
 
 from streamd.audio import load_audio
@@ -57,12 +54,8 @@ def words_on(engine: Engine, files: list[Path], vad: VadConfig) -> tuple[int, in
 
 
 def dev_wer(engine: Engine, files: list[Path]) -> float:
-    norm = EnglishTextNormalizer()
-    refs, hyps = [], []
-    for path in files:
-        hyps.append(norm(simulate(engine, load_audio(path), StreamConfig())["text"]))
-        refs.append(norm(path.with_suffix(".txt").read_text(encoding="utf-8")))
-    return 100 * jiwer.wer(refs, hyps)
+    hyps = [simulate(engine, load_audio(path), StreamConfig())["text"] for path in files]
+    return 100 * corpus_wer([reference(path) for path in files], hyps)
 
 
 def main() -> None:

@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import jiwer
 import numpy as np
-from whisper_normalizer.english import EnglishTextNormalizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import SHARED
+from harness import SHARED, corpus_wer, reference
 from stream_ws import cpu_seconds, replay, start_daemon
 
 from streamd.audio import load_audio
@@ -57,14 +55,13 @@ def offline(vad: VadConfig, use_vad: bool) -> None:
     print(f"offline non-speech: {words} words ({words / minutes:.2f}/min), {len(with_text)} of {len(NONSPEECH)} files")
     for line in with_text:
         print("   ", line)
-    norm = EnglishTextNormalizer()
-    refs, hyps = [], []
+    hyps = []
     for path in DEV:
         audio = load_audio(path)
         spans = plan_windows(speech_regions(audio, vad)) if use_vad else None
-        hyps.append(norm(transcribe(engine, audio, options, spans=spans).text))
-        refs.append(norm(path.with_suffix(".txt").read_text(encoding="utf-8")))
-    print(f"offline dev corpus: greedy WER {100 * jiwer.wer(refs, hyps):.2f}% on {len(DEV)} files")
+        hyps.append(transcribe(engine, audio, options, spans=spans).text)
+    wer = 100 * corpus_wer([reference(path) for path in DEV], hyps)
+    print(f"offline dev corpus: greedy WER {wer:.2f}% on {len(DEV)} files")
 
 
 def daemon_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness import CORPUS
+from harness import CORPUS, corpus_wer, reference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,13 +67,8 @@ def _run(cmd: list[str]) -> tuple[list[dict], float, float]:
 
 
 def _score(results: list[dict]) -> tuple[float, float]:
-    import jiwer
-    from whisper_normalizer.english import EnglishTextNormalizer
-
-    norm = EnglishTextNormalizer()
-    refs = [norm(Path(r["file"]).with_suffix(".txt").read_text(encoding="utf-8")) for r in results]
-    hyps = [norm(r["text"]) for r in results]
-    return jiwer.wer(refs, hyps), sum(r["audio_s"] for r in results)
+    refs = [reference(r["file"]) for r in results]
+    return corpus_wer(refs, [r["text"] for r in results]), sum(r["audio_s"] for r in results)
 
 
 def run_streamd(files: list[str], beam: int, extra: list[str]) -> Run:

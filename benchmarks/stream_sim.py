@@ -15,10 +15,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import jiwer
 import numpy as np
-from harness import CORPUS
-from whisper_normalizer.english import EnglishTextNormalizer
+from harness import CORPUS, corpus_wer, reference
 
 from streamd.audio import load_audio
 from streamd.jobs import run_job
@@ -90,8 +88,7 @@ def main() -> None:
     args = p.parse_args()
     engine = Engine.load()
     audio = load_audio(args.file)
-    norm = EnglishTextNormalizer()
-    ref = norm(Path(args.file).with_suffix(".txt").read_text(encoding="utf-8"))
+    ref = reference(args.file)
     print(f"# {Path(args.file).name}, {len(audio) / 16000:.1f} s; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| update s | final latency median / p90 s | partial latency median / p90 s | WER % | CPU s per audio s |")
     print("|---:|---:|---:|---:|---:|")
@@ -100,7 +97,7 @@ def main() -> None:
         fl, pl = np.array(r["final_latency"]), np.array(r["partial_latency"])
         final = f"{np.median(fl):.2f} / {np.percentile(fl, 90):.2f}"
         partial = f"{np.median(pl):.2f} / {np.percentile(pl, 90):.2f}" if len(pl) else "-"
-        wer = 100 * jiwer.wer(ref, norm(r["text"]))
+        wer = 100 * corpus_wer([ref], [r["text"]])
         print(f"| {update} | {final} | {partial} | {wer:.2f} | {r['cpu_per_audio_s']:.2f} |", flush=True)
 
 

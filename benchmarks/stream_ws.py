@@ -32,11 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-import jiwer
 import numpy as np
-from harness import CORPUS
+from harness import CORPUS, corpus_wer, reference
 from websockets.asyncio.client import connect
-from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
 
@@ -129,7 +127,6 @@ def start_daemon(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
 
 
 async def main_async(args: argparse.Namespace) -> None:
-    normalise = EnglishTextNormalizer()
     proc, url = (None, args.url) if args.url else start_daemon(args)
     pid = args.pid or (proc.pid if proc else None)
     try:
@@ -142,14 +139,14 @@ async def main_async(args: argparse.Namespace) -> None:
         rows = []
         for path in args.files:
             audio = load_audio(path)
-            ref = normalise(Path(path).with_suffix(".txt").read_text(encoding="utf-8"))
+            ref = reference(path)
             c0 = cpu_seconds(pid) if pid else 0.0
             results = await asyncio.gather(*(replay(url, audio, f"bench-{i}") for i in range(args.streams)))
             cpu = (cpu_seconds(pid) - c0) if pid else float("nan")
             audio_s = len(audio) / 16000 * args.streams
             finals = [x for r in results for x in r["final_latency"]]
             partials = [x for r in results for x in r["partial_latency"]]
-            wers = [jiwer.wer(ref, normalise(r["text"])) for r in results]
+            wers = [corpus_wer([ref], [r["text"]]) for r in results]
             if args.dump:
                 Path(args.dump).mkdir(parents=True, exist_ok=True)
                 for i, r in enumerate(results):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import time
 
-import jiwer
-from harness import CORPUS
-from whisper_normalizer.english import EnglishTextNormalizer
+from harness import CORPUS, corpus_wer, reference
 
 from streamd.audio import load_audio
 from whisper_engine.engine import Engine
@@ -30,10 +28,9 @@ POLICIES = [
 
 
 def main() -> None:
-    norm = EnglishTextNormalizer()
     files = sorted(CORPUS.glob("*.wav"))
     audios = [load_audio(f) for f in files]
-    refs = [norm(f.with_suffix(".txt").read_text(encoding="utf-8")) for f in files]
+    refs = [reference(f) for f in files]
     engine = Engine.load()
     print(f"# {len(files)} dev files; greedy, no word timestamps; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print("| window policy | WER % | padded retries | decode s |")
@@ -43,9 +40,9 @@ def main() -> None:
         engine.padded_retries = 0
         started = time.perf_counter()
         options = TranscribeOptions(word_timestamps=False, pad_to_30s=pad)
-        hyps = [norm(transcribe(engine, audio, options).text) for audio in audios]
+        hyps = [transcribe(engine, audio, options).text for audio in audios]
         elapsed = time.perf_counter() - started
-        print(f"| {name} | {100 * jiwer.wer(refs, hyps):.2f} | {engine.padded_retries} | {elapsed:.1f} |", flush=True)
+        print(f"| {name} | {100 * corpus_wer(refs, hyps):.2f} | {engine.padded_retries} | {elapsed:.1f} |", flush=True)
 
 
 if __name__ == "__main__":
