@@ -46,11 +46,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 normalise = EnglishTextNormalizer()
 
 
-def dev_files() -> list[Path]:
-    """The dev recordings: the corpus beside the repository, else the repository's test copy."""
-    return sorted(CORPUS.glob("*.wav")) or sorted((TEST_DATA / "speech").glob("*.flac"))
-
-
 def recording_path(name: str) -> Path:
     """A dev recording by name: the corpus beside the repository, else the repository's test copy."""
     wav = CORPUS / f"{name}.wav"

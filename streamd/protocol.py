@@ -199,7 +199,6 @@ class AudioDecoder:
         self._resampler = (
             None if fmt.sample_rate == SAMPLE_RATE else soxr.ResampleStream(fmt.sample_rate, SAMPLE_RATE, 1)
         )
-        self.bytes_in = 0
 
     def decode(self, frame: bytes) -> tuple[np.ndarray, ProtocolError | None]:
         """Samples of one frame, and a non-fatal error to report (or raises a fatal one)."""
@@ -211,7 +210,6 @@ class AudioDecoder:
                 fatal=True,
                 close_code=MESSAGE_TOO_BIG,
             )
-        self.bytes_in += len(frame)
         data, error = self._pending + frame, None
         whole = len(data) - len(data) % self.format.frame_bytes
         if self.carry:

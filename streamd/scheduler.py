@@ -55,7 +55,6 @@ log = logging.getLogger(__name__)
 @dataclass
 class SchedulerStats:
     jobs: int = 0
-    final_jobs: int = 0
     failures: int = 0
     busy_s: float = 0.0  # wall time the engine spent on jobs
     audio_s: float = 0.0  # seconds of window audio decoded (windows overlap: more than the input)
@@ -268,7 +267,6 @@ class Scheduler:
     def _deliver(self, source: Source, job: Job, words: list[TimedWord], elapsed: float) -> None:
         """A job's words back to its stream; partials and finals out."""
         self.stats.jobs += 1
-        self.stats.final_jobs += job.final
         self.stats.audio_s += len(job.audio) / SAMPLE_RATE
         if self.on_job is not None:
             self.on_job(job, elapsed)

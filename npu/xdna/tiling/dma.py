@@ -76,9 +76,6 @@ class DmaPattern:
         if self.last_index() >= buffer_elements:
             raise DesignError(f"{where}: reaches element {self.last_index()} of a {buffer_elements}-element buffer")
 
-    def as_dict(self) -> dict:
-        return {"offset": self.offset, "sizes": list(self.sizes), "strides": list(self.strides)}
-
 
 def run_pattern(offset: int, n_blocks: int, block_stride: int, run: int, elem_bytes: int) -> DmaPattern:
     """``n_blocks`` contiguous runs of ``run`` elements, ``block_stride`` apart, as one BD: the
