@@ -84,6 +84,9 @@ def make_files(n: int, out: Path, seed: int = 0, max_s: float = 60.0) -> list[Ma
             made.append(Made(path, True, 0.0))
             continue
         if kind < 0.03:  # a valid header, no samples
+            if ext == "flac":  # libsndfile writes nothing at all for a FLAC file without samples
+                path = path.with_suffix(".wav")
+                container, subtype = CONTAINERS[0][1:]
             sf.write(path, np.zeros((0, channels), np.float32), rate, format=container, subtype=subtype)
             made.append(Made(path, False, 0.0))
             continue

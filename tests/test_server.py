@@ -120,9 +120,12 @@ async def test_viewers_see_the_same_finals_and_late_viewers_get_the_history(daem
             for i in range(0, len(audio8k), 800):
                 await ws.send(audio8k[i : i + 800].tobytes())
                 await asyncio.sleep(0.01)
-            # A viewer joining mid-stream gets the ready message and the finals so far.
-            while daemon.hub.sources["room-2"].finals < 2:
-                await asyncio.sleep(0.1)
+            # A viewer joining mid-stream gets the ready message and the finals so far. (At least
+            # one: on a loaded machine the engine runs behind, and utterances that ended while it
+            # was busy come out as one final; the last one ends only with the stop.)
+            async with asyncio.timeout(120):
+                while daemon.hub.sources["room-2"].finals < 1:
+                    await asyncio.sleep(0.1)
             sources = (await get_json(daemon, "/v1/sources"))["sources"]
             assert sources[0]["id"] == "room-2" and sources[0]["kind"] == "websocket"
             async with connect(url(daemon, "/v1/captions?source=room-2")) as late:
