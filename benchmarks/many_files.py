@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from harness import SHARED
+from harness import CORPUS, NONSPEECH, TEST_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
 RATES = (8000, 11025, 16000, 22050, 32000, 44100, 48000)
@@ -44,11 +44,10 @@ class Made:
 
 def sources() -> tuple[list[Path], list[Path]]:
     """(speech, non-speech) recordings to cut from."""
-    speech, other = sorted((SHARED / "dev").glob("*.wav")), sorted((SHARED / "nonspeech").glob("*.wav"))
+    speech, other = sorted(CORPUS.glob("*.wav")), sorted(NONSPEECH.glob("*.wav"))
     if speech and other:
         return speech, other
-    data = ROOT / "tests" / "data"
-    return sorted((data / "speech").glob("*.flac")), sorted(data.glob("*.flac"))
+    return sorted((TEST_DATA / "speech").glob("*.flac")), sorted(TEST_DATA.glob("*.flac"))
 
 
 def make_files(n: int, out: Path, seed: int = 0, max_s: float = 60.0) -> list[Made]:

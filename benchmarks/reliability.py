@@ -82,6 +82,7 @@ from harness import (
     normalise,
     pcm16,
     recording_path,
+    reference,
     rss_kib,
     settle,
     stream_audio,
@@ -247,7 +248,7 @@ async def run_churn(
     errors += check.errors
     return ChurnResult(
         cycles, sum(a for a, _ in outcomes), concurrency, seconds, before, after, settle_s, ended, with_finals, waits,
-        failures, errors, wer(check_wav.with_suffix(".txt").read_text(), check.text), check.text, d.alive,
+        failures, errors, wer(reference(check_wav), check.text), check.text, d.alive,
         d.problems(),
     )  # fmt: skip
 
@@ -289,8 +290,8 @@ def build_loop(names: list[str], loop_s: float, gap_s: float, seed: int = 0) -> 
         audio = _recording(name)
         if at + len(audio) + gap > total:
             continue
-        reference = normalise((recording_path(name)).with_suffix(".txt").read_text(encoding="utf-8"))
-        utterances.append(Utterance(name, at / SR, (at + len(audio)) / SR, reference))
+        reference_text = normalise(reference(recording_path(name)))
+        utterances.append(Utterance(name, at / SR, (at + len(audio)) / SR, reference_text))
         pieces += [audio, rng.normal(0, QUIET, gap).astype(np.float32)]
         at += len(audio) + gap
     pieces.append(rng.normal(0, QUIET, total - at).astype(np.float32))
