@@ -28,6 +28,7 @@ from .npu1 import (
     DesignError,
     ceil_to,
     core_stack,
+    first_valid,
     itemsize,
     kernel_data,
 )
@@ -308,13 +309,4 @@ def choose_gemm_tiling(
                     continue  # does not fit, or a whole depth step of padding
                 est = t.estimate()
                 ranked.append(((round(est["time_s"], 9), est["padded_macs"], -(m * k * n), m, n, k), t))
-    ranked.sort(key=lambda kt: kt[0])
-    last = "nothing fits in 64 KB"
-    for _, t in ranked:
-        try:
-            t.check()
-        except DesignError as e:
-            last = str(e)
-            continue
-        return t
-    raise DesignError(f"no npu1 tiling for GEMM {M}x{K}x{N}: {last}")
+    return first_valid(ranked, f"no npu1 tiling for GEMM {M}x{K}x{N}", "nothing fits in 64 KB")

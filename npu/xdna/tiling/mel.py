@@ -9,7 +9,7 @@ import numpy as np
 
 from .dma import HostBuffer, Transfer, check_waves
 from .gemm import GemmTiling
-from .npu1 import N_CORE_ROWS, DesignError
+from .npu1 import N_CORE_ROWS, DesignError, first_valid
 from .rows import MEL_BANDS, MEL_SPEC_COLS, RowTiling
 
 
@@ -117,13 +117,4 @@ def choose_mel_tiling(frames: int) -> MelTiling:
             t = mel_tiling(frames, m, n)
             est = t.dft.estimate()
             ranked.append(((round(est["time_s"], 9), est["padded_macs"], -m * n, m, n), t))
-    ranked.sort(key=lambda kt: kt[0])
-    last = "nothing fits"
-    for _, t in ranked:
-        try:
-            t.check()
-        except DesignError as e:
-            last = str(e)
-            continue
-        return t
-    raise DesignError(f"no npu1 mel tiling for {frames} frames: {last}")
+    return first_valid(ranked, f"no npu1 mel tiling for {frames} frames")

@@ -4,6 +4,8 @@ numbers that rank candidate tilings."""
 
 from __future__ import annotations
 
+from typing import Protocol, TypeVar
+
 import numpy as np
 
 N_COLUMNS = 4
@@ -69,6 +71,27 @@ KERNEL_ABI: dict[str, tuple[str, ...]] = {
 
 class DesignError(ValueError):
     """A tiling breaks an npu1 limit (memory, DMA channels, BD fields) or is inconsistent."""
+
+
+class _Checked(Protocol):
+    def check(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Checked)
+
+
+def first_valid(ranked: list[tuple[tuple[float, ...], T]], what: str, nothing: str = "nothing fits") -> T:
+    """The best-ranked candidate whose ``check()`` passes (the lowest key first); none passing is
+    a DesignError naming ``what`` and the last candidate's reason (``nothing`` when none came)."""
+    last = nothing
+    for _, t in sorted(ranked, key=lambda kt: kt[0]):
+        try:
+            t.check()
+        except DesignError as e:
+            last = str(e)
+            continue
+        return t
+    raise DesignError(f"{what}: {last}")
 
 
 def itemsize(dtype: str) -> int:
