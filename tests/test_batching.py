@@ -162,6 +162,32 @@ def test_batched_alignment_equals_alignment_alone(torch_engine, requests):
         assert float(np.abs(got - alone).max()) < 1e-3
 
 
+def test_alignment_after_a_decode_reuses_its_cross_attention_and_gives_the_same_scores(torch_engine, requests):
+    """The alignment pass that follows a batched decode reads the windows' cross-attention K/V
+    the decode left on the device (any subset of its rows, in any order) instead of projecting
+    the encoder output again, and gets the scores a fresh projection gives; windows a later
+    decode replaced are projected again."""
+    backend, tok = torch_engine.backend, torch_engine.tokenizer
+    mels = [backend.log_mel(r.audio, padding=16000)[:, : 2 * (len(r.audio) // 320)] for r in requests[:4]]
+    features = backend.encode_batch(mels)
+    prompt = GreedyRules.initial_tokens(tok)
+    backend.decode_greedy_batch(features, [prompt] * 4, 8, rules=backend.greedy_rules(tok))
+    texts = (" And so, my fellow", " Yet these", " Ask not what", " Stella")
+    rows = [alignment_tokens(tok, tok.encode(text)) for text in texts]
+    for pick in ([0, 1, 2, 3], [1, 2], [3, 0]):  # all rows; consecutive rows (views); others (a gather)
+        chosen = [features[i] for i in pick]
+        assert backend.greedy.held_cross(chosen) is not None
+        reused = backend.alignment_batch(chosen, [rows[i] for i in pick])
+        for i, got in zip(pick, reused, strict=True):
+            alone = backend.alignment(features[i], rows[i])  # its own projection of the features
+            assert got.shape == alone.shape
+            assert float(np.abs(got - alone).max()) < 1e-3
+    backend.decode_greedy_batch(features[:1], [prompt], 4, rules=backend.greedy_rules(tok))
+    assert backend.greedy.held_cross(features[1:2]) is None  # replaced: projected again
+    again = backend.alignment_batch(features[1:2], rows[1:2])[0]
+    assert float(np.abs(again - backend.alignment(features[1], rows[1])).max()) < 1e-3
+
+
 def test_encoding_audio_in_one_pass_equals_mel_then_encode(torch_engine, requests):
     backend, engine = torch_engine.backend, torch_engine
     audios = [r.audio for r in requests] + [requests[0].audio[:4000]]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from streamd.audio import load_audio
-from whisper_engine.timing import dtw, median_filter
+from whisper_engine.timing import dtw, dtw_batch, median_filter
 from whisper_engine.transcribe import TranscribeOptions, transcribe
 
 
@@ -46,6 +46,36 @@ def test_dtw_matches_the_cell_by_cell_recurrence(seed):
     x = rng.normal(size=(rng.integers(1, 25), rng.integers(1, 60)))
     ours, ref = dtw(x), _dtw_reference(x)
     assert np.array_equal(ours[0], ref[0]) and np.array_equal(ours[1], ref[1])
+
+
+def test_a_batch_of_dtw_paths_equals_each_path_alone():
+    """Windows of every shape in one batch (a 1x1, single rows and columns, wide and tall ones)
+    each get the cell-by-cell path."""
+    rng = np.random.default_rng(7)
+    costs = [rng.normal(size=(rng.integers(1, 30), rng.integers(1, 80))) for _ in range(20)]
+    costs += [np.ones((1, 1)), rng.normal(size=(1, 9)), rng.normal(size=(9, 1)), rng.normal(size=(40, 3))]
+    for cost, (ours_i, ours_j) in zip(costs, dtw_batch(costs), strict=True):
+        ref_i, ref_j = _dtw_reference(cost)
+        assert np.array_equal(ours_i, ref_i) and np.array_equal(ours_j, ref_j), cost.shape
+    assert dtw_batch([]) == []
+
+
+def test_dtw_on_costs_full_of_ties_still_finds_a_minimum_cost_path():
+    """Small integer costs tie everywhere; the path must still be monotonic, step by one, and
+    cost what the cheapest path costs (openai/whisper's recurrence can leave the minimum there)."""
+    rng = np.random.default_rng(3)
+    costs = [rng.integers(0, 3, size=(rng.integers(1, 12), rng.integers(1, 30))).astype(float) for _ in range(40)]
+    for cost, (path_i, path_j) in zip(costs, dtw_batch(costs), strict=True):
+        n, m = cost.shape
+        best = np.full((n + 1, m + 1), np.inf)
+        best[0, 0] = 0
+        for i in range(1, n + 1):
+            for j in range(1, m + 1):
+                best[i, j] = cost[i - 1, j - 1] + min(best[i - 1, j - 1], best[i - 1, j], best[i, j - 1])
+        assert (path_i[0], path_j[0], path_i[-1], path_j[-1]) == (0, 0, n - 1, m - 1)
+        steps = np.stack([np.diff(path_i), np.diff(path_j)], 1)
+        assert set(map(tuple, steps.tolist())) <= {(1, 1), (1, 0), (0, 1)}
+        assert cost[path_i, path_j].sum() == best[n, m]
 
 
 @pytest.mark.parametrize("width", [3, 7])

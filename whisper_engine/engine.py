@@ -21,7 +21,7 @@ from .backends import create_backend
 from .decoding import DecodingOptions, DecodingResult, compression_ratio, decode, initial_tokens, loop_start
 from .guard import WindowGuard
 from .mel import HOP_LENGTH, N_FRAMES, SAMPLE_RATE, SILENT_LOG_MEL
-from .timing import Word, alignment_tokens, find_alignment, merge_punctuations, words_from_matrix
+from .timing import Word, alignment_tokens, find_alignment, merge_punctuations, words_from_matrices
 from .tokenizer import WhisperTokenizer
 from .weights import WhisperWeights, load_weights
 
@@ -282,7 +282,8 @@ class Engine:
 
         On a :class:`~whisper_engine.backend.BatchedBackend` the windows (of different streams)
         run together: one encoder launch for every window, one ``decode_greedy_batch`` for all
-        their decoder steps, one ``alignment_matrix_batch`` for their word timings. Row ``i`` gets
+        their decoder steps, one ``alignment_matrix_batch`` for their alignments (reading the
+        cross-attention K/V the decode left on the device) and one DTW for their word times. Row ``i`` gets
         what it gets in a batch of one, up to floating-point ties: the batched decoder works in
         float32 where decoding's masks and scores are float64, and batch shapes round differently
         (``tests/test_batching.py`` checks equality on dev speech). Any other backend runs them one
@@ -349,9 +350,9 @@ class Engine:
                 len(tok.sot_sequence()),
             )
             marks.append(time.perf_counter())
-            for (_, i, tokens, probs), matrix in zip(timed, matrices, strict=True):
-                words = merge_punctuations(words_from_matrix(matrix, tok, tokens, probs))
-                out[i] = _after_prefix(words, len(requests[i].prefix))
+            timings = words_from_matrices(matrices, tok, [t for _, _, t, _ in timed], [p for _, _, _, p in timed])
+            for (_, i, _, _), words in zip(timed, timings, strict=True):
+                out[i] = _after_prefix(merge_punctuations(words), len(requests[i].prefix))
         self._account("decoder", clock)
         marks.append(time.perf_counter())
         with self._stage_lock:

@@ -135,8 +135,8 @@ class CudaBackend(BatchedBackend):
     max_encode_batch = 64
     #: Steps between checks whether every row has finished (each check waits for the device).
     done_check_every = 4
-    #: Windows per word-alignment launch at most (their cross K/V are computed for it: about
-    #: 9 MB per 30 s window in fp16).
+    #: Windows per word-alignment launch at most (where the decode's cross K/V are no longer on
+    #: the device, they are computed for it: about 9 MB per 30 s window in fp16).
     max_align_batch = 64
 
     def __init__(
@@ -482,7 +482,7 @@ class CudaBackend(BatchedBackend):
         if len(features_list) != len(tokens_list):
             raise ValueError(f"{len(features_list)} windows but {len(tokens_list)} token rows")
         out: list[np.ndarray] = []
-        with self._on_device():
+        with self._lock, self._on_device():
             for part in self._align_chunks(len(tokens_list)):
                 feats, rows = features_list[part], tokens_list[part]
                 scores = self._alignment_scores(feats, rows).float().cpu().numpy()  # [B, heads, width, T]
@@ -504,7 +504,7 @@ class CudaBackend(BatchedBackend):
         if not len(features_list) == len(tokens_list) == len(num_frames):
             raise ValueError("one token row and one frame count per window")
         out: list[np.ndarray] = []
-        with self._on_device():
+        with self._lock, self._on_device():
             for part in self._align_chunks(len(tokens_list)):
                 feats, rows = features_list[part], tokens_list[part]
                 n_audio = [max(1, min(n // 2, f.x.shape[0])) for n, f in zip(num_frames[part], feats, strict=True)]
@@ -525,12 +525,16 @@ class CudaBackend(BatchedBackend):
         lengths = [len(r) for r in token_rows]
         if min(lengths) < 1 or max(lengths) > self.dims.n_text_ctx:
             raise ValueError(f"token rows must hold 1 to {self.dims.n_text_ctx} tokens, got lengths {lengths}")
-        x = torch.nn.utils.rnn.pad_sequence([f.x for f in feats], batch_first=True)
-        cross_k, cross_v = self.cross_kv(x)
-        cross_mask = None
-        if min(frames) < max(frames):
-            valid = torch.arange(max(frames), device=dev)[None, :] < torch.tensor(frames, device=dev)[:, None]
-            cross_mask = valid[:, None, None, :]
+        held = self.greedy.held_cross(feats)
+        if held is not None:  # the decode that produced these tokens left the windows' K/V on the device
+            cross_k, cross_v, cross_mask = held
+        else:
+            x = torch.nn.utils.rnn.pad_sequence([f.x for f in feats], batch_first=True)
+            cross_k, cross_v = self.cross_kv(x)
+            cross_mask = None
+            if min(frames) < max(frames):
+                valid = torch.arange(max(frames), device=dev)[None, :] < torch.tensor(frames, device=dev)[:, None]
+                cross_mask = valid[:, None, None, :]
         width = max(lengths)
         padded = np.zeros((len(feats), width), np.int64)
         for i, row in enumerate(token_rows):

@@ -117,6 +117,9 @@ class GreedyDecoder:
         self.state: DecodeState | None = None
         self.graphs: dict[tuple[int, int, int], torch.cuda.CUDAGraph] = {}
         self._pool = None
+        # The windows whose cross K/V the state holds (row i: held[i]), from the last decode:
+        # the alignment pass that follows reads them from there.
+        self.held: list[TorchFeatures] = []
 
     def bytes_per_stream(self) -> int:
         """Device memory the batched decoder reserves per stream (KV cache, cross K/V, outputs)."""
@@ -132,8 +135,29 @@ class GreedyDecoder:
             self.graphs.clear()
             self._pool = None  # torch frees a pool with its last graph: the old handle is dead
             self.state = None
+            self.held = []
             self.state = DecodeState(bucket(rows, self.backend.batch_buckets), self.backend)
         return self.state
+
+    def held_cross(self, feats: Sequence[TorchFeatures]) -> tuple[list[Tensor], list[Tensor], Tensor] | None:
+        """Cross K/V ``[B, H, A, dh]`` per layer and their mask ``[B, 1, 1, A]`` of ``feats`` as the
+        last decode left them in the state, or ``None`` when the state does not hold all of them
+        (a later decode replaced them, or they were never decoded here). The caller holds the
+        backend's lock from that decode on, so no other decode can overwrite them meanwhile."""
+        st = self.state
+        if st is None or not feats:
+            return None
+        row_of = {id(f): i for i, f in enumerate(self.held)}  # (held keeps them alive: ids are unique)
+        rows = [row_of.get(id(f), -1) for f in feats]
+        if min(rows) < 0:
+            return None
+        a = max(f.x.shape[0] for f in feats)  # these windows' own length (the state's is a bucket)
+        first = rows[0]
+        if rows == list(range(first, first + len(rows))):  # consecutive rows: views, no copy
+            pick: slice | Tensor = slice(first, first + len(rows))
+        else:
+            pick = torch.tensor(rows, device=st.rows.device)
+        return [c[pick, :, :a] for c in st.cross_k], [c[pick, :, :a] for c in st.cross_v], st.cross_mask[pick, :, :, :a]
 
     def _step(self, st: DecodeState, b: int, a: int, s: int) -> None:
         """One greedy step of rows ``[:b]``, attending to ``a`` encoder positions and ``s`` cache
@@ -228,6 +252,7 @@ class GreedyDecoder:
         t_audio = torch.tensor(frames, device=dev)
         st.cross_mask[:n, 0, 0, :a] = torch.arange(a, device=dev)[None, :] < t_audio[:, None]
         st.cross_mask[n:b] = True  # unused rows: finite attention, results ignored
+        self.held = list(feats)
 
         # The prompts in one causal pass, right-padded; each row's last real position picks its
         # first token. Cache slots past a row's prompt are overwritten before they are attended.
