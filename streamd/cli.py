@@ -26,7 +26,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamd", description="Real-time Whisper transcription daemon and tools.")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("transcribe", help="transcribe audio files offline", description="Transcribe audio files.")
-    t.add_argument("files", nargs="+", metavar="FILE", help="WAV, FLAC or OGG, any sample rate and channel count")
+    t.add_argument("files", nargs="+", metavar="FILE", help="audio files: WAV, FLAC, OGG, MP3, M4A, WebM...")
     t.add_argument("--format", default="text", choices=["text", "jsonl", "srt", "vtt"], help="output format")
     t.add_argument("--beam-size", type=int, default=1, metavar="N", help="beam width; 1 is greedy (default: 1)")
     t.add_argument("--output-dir", metavar="DIR", help="write FILE.<format> there instead of printing to stdout")
@@ -97,11 +97,12 @@ class _Progress:
 
 def _transcribe(args: argparse.Namespace) -> int:
     from whisper_engine.engine import NO_FALLBACK, FallbackPolicy
-    from whisper_engine.transcribe import TranscribeOptions, transcribe
+    from whisper_engine.transcribe import TranscribeOptions
 
     from .audio import AudioError, load_audio
+    from .files import transcribe_file
     from .formats import render
-    from .vad import VadConfig, plan_windows, speech_regions
+    from .vad import VadConfig
 
     if args.beam_size < 1:
         print("streamd: --beam-size must be at least 1", file=sys.stderr)
@@ -135,9 +136,8 @@ def _transcribe(args: argparse.Namespace) -> int:
             continue
         started = time.perf_counter()
         progress = _Progress(Path(name).name)
-        spans = None if args.no_vad else plan_windows(speech_regions(audio, vad))
         try:
-            result = transcribe(engine, audio, options, progress=progress, spans=spans)
+            result = transcribe_file(engine, audio, options, None if args.no_vad else vad, progress=progress)
         finally:
             progress.close()
         text = render(result, args.format, name, time.perf_counter() - started)

@@ -13,6 +13,7 @@ from .stream import Job
 from .vad import detector_cpu_seconds
 
 if TYPE_CHECKING:
+    from .files import FileQueue
     from .status import Status
 
 __all__ = ["Metrics"]
@@ -76,6 +77,10 @@ class Metrics:
         self.slow_clients = Counter("streamd_slow_clients", "Clients cut off for not reading", registry=r)
         self._status = status
 
+    def watch_files(self, files: FileQueue) -> None:
+        """The file API's queue: requests taken, refused and failed, audio and busy seconds."""
+        self.registry.register(_FilesCollector(files))
+
     def observe_job(self, job: Job, seconds: float) -> None:
         device = self._status.devices.get("encoder", "cpu")
         self.job_seconds.labels(device, "true" if job.final else "false").observe(seconds)
@@ -135,6 +140,29 @@ class _GuardCollector:
         for rule in GUARD_RULES:
             family.add_metric([rule], dropped.get(rule, 0))
         yield family
+
+
+class _FilesCollector:
+    """``/v1/audio/transcriptions`` as its queue counts it."""
+
+    def __init__(self, files: FileQueue) -> None:
+        self._files = files
+
+    def collect(self):
+        stats = self._files.stats
+        pending = GaugeMetricFamily("streamd_file_requests_pending", "File transcriptions waiting or running")
+        pending.add_metric([], self._files.pending)
+        yield pending
+        for name, text, value in (
+            ("streamd_file_requests", "File transcriptions taken", stats.requests),
+            ("streamd_file_requests_refused", "File transcriptions turned away with 429 (queue full)", stats.refused),
+            ("streamd_file_requests_failed", "File transcriptions that failed in the engine", stats.failures),
+            ("streamd_file_audio_seconds", "Seconds of audio in transcribed files", stats.audio_s),
+            ("streamd_file_busy_seconds", "Wall time spent transcribing files", stats.busy_s),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
 
 
 class _DeviceMemoryCollector:

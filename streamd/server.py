@@ -25,21 +25,22 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
-from importlib import resources
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
-from websockets.http11 import Request, Response
+from websockets.http11 import Request as WsRequest
+from websockets.http11 import Response as WsResponse
 
 from whisper_engine.engine import Engine
 
 from .audio import SAMPLE_RATE
 from .auth import AccessPolicy, is_loopback_address
-from .formats import TRANSCRIPT_FORMATS, render_sessions
+from .files import FileQueue
+from .http import HttpLimits, HttpSide
 from .hub import Hub, Outbox, Source
 from .metrics import Metrics
 from .protocol import SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, parse_control, parse_start
@@ -49,6 +50,7 @@ from .sessions import DetachedSessions
 from .status import Status
 from .store import PURGE_EVERY_S, TranscriptStore
 from .stream import StreamConfig
+from .web import WEBSOCKET_PATHS, WebApi
 
 __all__ = ["Daemon", "ServerConfig"]
 
@@ -79,13 +81,15 @@ class ServerConfig:
     ping_interval_s: float = 20.0  # keepalive: a peer that does not answer within as long is dropped
     resume_s: float = 30.0  # a dropped stream client's session waits this long for it to resume (0: never)
     max_detached: int = 16  # sessions waiting for a resume at once (the oldest is finalised past it)
+    max_upload_bytes: int = 25 * 1024 * 1024  # an HTTP request body (a file to transcribe): OpenAI's limit
+    max_file_requests: int = 8  # file transcriptions waiting or running; past it: 429
     state_dir: str | None = None  # where finals are kept across restarts (transcripts.db); None: nowhere
     retention_days: float = 30.0  # sessions older than this are deleted from the store
     stream: StreamConfig = field(default_factory=StreamConfig)
 
     def __post_init__(self) -> None:
         for key in ("workers", "max_batch", "max_queue", "max_connections", "max_streams", "max_frame_bytes",
-                    "max_detached"):  # fmt: skip
+                    "max_detached", "max_upload_bytes", "max_file_requests"):  # fmt: skip
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be at least 1, got {getattr(self, key)}")
         if not 0 <= self.port <= 65535:
@@ -127,7 +131,10 @@ class Daemon:
         self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
         self._tasks: set[asyncio.Task] = set()  # file and mic sources
-        self._page = self._load_page()
+        self.files = FileQueue(engine, c.stream.vad, c.max_file_requests)
+        self.metrics.watch_files(self.files)
+        self.web = WebApi(self.access, self.status, self.metrics, self.hub, self.files, engine.model_name)
+        self.http = HttpSide(self.web.handle, HttpLimits(max_body_bytes=c.max_upload_bytes))
         self._purger: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
@@ -151,7 +158,8 @@ class Daemon:
             self._websocket,
             **where,
             ssl=tls,
-            process_request=self._http,
+            process_request=self._upgrade,
+            create_connection=self.http.create_connection,  # type: ignore[arg-type]  # HTTP first
             ping_interval=c.ping_interval_s,
             ping_timeout=c.ping_interval_s,
             max_size=2 * c.max_frame_bytes,  # over our limit: an error message; over this: close 1009
@@ -224,6 +232,8 @@ class Daemon:
             outbox.close()
         if self._viewers:
             await asyncio.wait(list(self._viewers.values()), timeout=5)
+        await self.http.close(timeout=10)
+        self.files.close()
         if self._server is not None:
             # Server.close() is idempotent: the close above stopped the listener; now the rest.
             closing = [asyncio.create_task(ws.close(CloseCode.GOING_AWAY)) for ws in self._server.connections]
@@ -240,62 +250,20 @@ class Daemon:
 
     # --- HTTP --------------------------------------------------------------------------------
 
-    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+    def _upgrade(self, connection: ServerConnection, request: WsRequest) -> WsResponse | None:
+        """A websocket handshake (plain HTTP never reaches here: :mod:`streamd.web` serves it)."""
         url = urlsplit(request.path)
-        path = url.path
         refusal = self.access.check(request.headers, url.query)
         if refusal is not None:
             response = connection.respond(refusal.status, refusal.body)
             for name, value in refusal.headers.items():
                 response.headers[name] = value
             return response
-        if path in ("/v1/stream", "/v1/captions"):
-            if self._server is not None and len(self._server.connections) > self.config.max_connections:
-                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
-            return None
-        if path in ("/", "/index.html"):
-            if self._page is None:
-                return connection.respond(HTTPStatus.NOT_FOUND, "captions page not installed\n")
-            return _respond(connection, HTTPStatus.OK, self._page, "text/html; charset=utf-8")
-        if path == "/healthz":
-            return _respond(connection, HTTPStatus.OK, _json(self.status.health()), "application/json")
-        if path == "/v1/sources":
-            return _respond(connection, HTTPStatus.OK, _json({"sources": self.status.sources()}), "application/json")
-        if path.startswith("/v1/sources/") and path.endswith("/transcript"):
-            return self._transcript(connection, unquote(path[len("/v1/sources/") : -len("/transcript")]), url.query)
-        if path == "/metrics":
-            body, content_type = self.metrics.render()
-            return _respond(connection, HTTPStatus.OK, body, content_type)
-        return connection.respond(HTTPStatus.NOT_FOUND, f"no such path {path}: see / and /healthz\n")
-
-    def _transcript(self, connection: ServerConnection, source_id: str, query: str) -> Response:
-        """``GET /v1/sources/{id}/transcript?format=txt|srt|vtt|json``: every final of the source
-        the store keeps (without a store: the live session's), its sessions in order."""
-        fmt = parse_qs(query).get("format", ["txt"])[0]
-        if fmt not in TRANSCRIPT_FORMATS:
-            return connection.respond(
-                HTTPStatus.BAD_REQUEST, f"format must be one of {', '.join(TRANSCRIPT_FORMATS)}\n"
-            )
-        live = self.hub.sources.get(source_id)
-        if self.hub.store is not None:
-            sessions = [
-                (s.session, s.started, [json.loads(m) for m in s.finals]) for s in self.hub.store.sessions(source_id)
-            ]
-        elif live is not None:
-            sessions = [(live.session, live.started, [json.loads(m.text) for m in live.finals_after(0)])]
-        else:
-            sessions = []
-        if not sessions:
-            return connection.respond(HTTPStatus.NOT_FOUND, f"no transcript of source {source_id!r}\n")
-        body, content_type = render_sessions(source_id, sessions, fmt)
-        return _respond(connection, HTTPStatus.OK, body.encode(), content_type)
-
-    @staticmethod
-    def _load_page() -> bytes | None:
-        try:
-            return (resources.files("streamd") / "web" / "index.html").read_bytes()
-        except (FileNotFoundError, OSError):
-            return None
+        if url.path not in WEBSOCKET_PATHS:
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no websocket at {url.path}: see /v1/stream\n")
+        if self._server is not None and len(self._server.connections) > self.config.max_connections:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
+        return None
 
     # --- websockets --------------------------------------------------------------------------
 
@@ -589,14 +557,3 @@ _DROPPED = object()  # what a websocket ingest returns when its client went away
 def _address(sock) -> str:
     host, port = sock.getsockname()[:2]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _respond(connection: ServerConnection, status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    response = connection.respond(status, "")
-    del response.headers["Content-Type"]
-    del response.headers["Content-Length"]
-    response.headers["Content-Type"] = content_type
-    response.headers["Content-Length"] = str(len(body))
-    response.headers["Cache-Control"] = "no-store"
-    response.body = body
-    return response

@@ -90,6 +90,16 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
         ServerConfig.max_detached,
         "sessions waiting for a resume at once; they yield their slot to new streams",
     ),
+    "max_upload_bytes": (
+        int,
+        ServerConfig.max_upload_bytes,
+        "largest HTTP request body: a file posted to /v1/audio/transcriptions (413 past it)",
+    ),
+    "max_file_requests": (
+        int,
+        ServerConfig.max_file_requests,
+        "file transcriptions waiting or running at once (429 with Retry-After past it)",
+    ),
     "state_dir": (
         str,
         None,

@@ -146,14 +146,16 @@ def transcribe(
     options: TranscribeOptions = TranscribeOptions(),
     progress: Callable[[float, float], None] | None = None,
     spans: list[tuple[float, float]] | None = None,
+    on_segment: Callable[[Segment], None] | None = None,
 ) -> Transcript:
-    """Transcribe 16 kHz mono float32 ``audio``; ``progress(done_s, total_s)`` is called per window.
+    """Transcribe 16 kHz mono float32 ``audio``; ``progress(done_s, total_s)`` is called per window,
+    ``on_segment(segment)`` with each segment as its window is done (streamed answers).
 
     ``spans`` (seconds) restricts decoding to those stretches, e.g. the speech a VAD found, each
     decoded on its own (the text still conditions the next); ``None`` decodes everything.
     """
     duration = len(audio) / SAMPLE_RATE
-    run = _Run(engine, options, duration, progress)
+    run = _Run(engine, options, duration, progress, on_segment)
     for start_s, end_s in spans if spans is not None else [(0.0, duration)]:
         first, last = round(start_s * SAMPLE_RATE), round(end_s * SAMPLE_RATE)
         run.span(audio[first:last], first / SAMPLE_RATE)
@@ -164,11 +166,12 @@ def transcribe(
 class _Run:
     """State carried across windows: segments so far and the text that conditions the next."""
 
-    def __init__(self, engine: Engine, options: TranscribeOptions, duration: float, progress) -> None:
+    def __init__(self, engine: Engine, options: TranscribeOptions, duration: float, progress, on_segment) -> None:
         self.engine = engine
         self.options = options
         self.duration = duration
         self.progress = progress
+        self.on_segment = on_segment
         self.segments: list[Segment] = []
         self.all_tokens: list[int] = []
         self.prompt_reset = 0
@@ -223,6 +226,9 @@ class _Run:
                 if options.word_timestamps and new_segments:
                     _add_words(engine, window, new_segments, offset)
                 self.segments += new_segments
+                if self.on_segment is not None:
+                    for seg in new_segments:
+                        self.on_segment(seg)
                 self.all_tokens += [t for seg in new_segments for t in seg.tokens]
                 if not options.condition_on_previous_text or result.temperature > 0.5:
                     self.prompt_reset = len(self.all_tokens)
