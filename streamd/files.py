@@ -5,11 +5,16 @@ that runs them beside the live streams.
 File work runs on a thread of its own, not on the live engine's threads: a recording is several
 windows decoded one after another, and a live final that waited behind them would be late. With
 one BLAS thread per engine thread (the default) the two share the cores instead of one queue.
+While no live stream runs, a recording may use every core (``idle_threads`` BLAS threads):
+measured on the 2-core build machine, JFK's 11 s take 0.41 s with 2 threads against 0.50 s
+with 1 (BENCHMARKS.md). OpenBLAS's thread count is the process's, so a live stream that starts
+meanwhile decodes with it too until that recording is done.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -61,11 +66,21 @@ class FileStats:
 class FileQueue:
     """At most ``max_pending`` recordings waiting or running, ``workers`` at a time."""
 
-    def __init__(self, engine: Engine, vad: VadConfig | None, max_pending: int = 8, workers: int = 1) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        vad: VadConfig | None,
+        max_pending: int = 8,
+        workers: int = 1,
+        idle_threads: int | None = None,
+        live_idle: Callable[[], bool] = lambda: False,
+    ) -> None:
         if max_pending < 1 or workers < 1:
             raise ValueError("a file queue needs room for one request and one worker")
         self.engine = engine
         self.vad = vad
+        self.idle_threads = idle_threads  # BLAS threads while no live stream runs (None: leave them)
+        self.live_idle = live_idle
         self.max_pending = max_pending
         self.pending = 0
         self.stats = FileStats()
@@ -86,9 +101,7 @@ class FileQueue:
         self.stats.requests += 1
         started = time.perf_counter()
         try:
-            return await loop.run_in_executor(
-                self._executor, lambda: transcribe_file(self.engine, audio, options, self.vad, on_segment=hook)
-            )
+            return await loop.run_in_executor(self._executor, self._run, audio, options, hook)
         except Exception:
             self.stats.failures += 1
             raise
@@ -96,6 +109,19 @@ class FileQueue:
             self.pending -= 1
             self.stats.busy_s += time.perf_counter() - started
             self.stats.audio_s += len(audio) / SAMPLE_RATE
+
+    def _run(self, audio: np.ndarray, options: TranscribeOptions, hook) -> Transcript:
+        with self._threads():
+            return transcribe_file(self.engine, audio, options, self.vad, on_segment=hook)
+
+    def _threads(self) -> contextlib.AbstractContextManager:
+        """Every core for this recording when no live stream runs (and one worker, so that two
+        recordings do not each take them all)."""
+        if self.idle_threads is None or self._workers > 1 or not self.live_idle():
+            return contextlib.nullcontext()
+        from threadpoolctl import threadpool_limits
+
+        return threadpool_limits(self.idle_threads, user_api="blas")
 
     def check_room(self) -> None:
         """Raise :class:`QueueFull` (and count the refusal) when no request can join now."""

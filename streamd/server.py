@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import socket
 import sqlite3
 import ssl
@@ -131,7 +132,10 @@ class Daemon:
         self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
         self._tasks: set[asyncio.Task] = set()  # file and mic sources
-        self.files = FileQueue(engine, c.stream.vad, c.max_file_requests)
+        self.files = FileQueue(
+            engine, c.stream.vad, c.max_file_requests, idle_threads=min(len(os.sched_getaffinity(0)), 4),
+            live_idle=lambda: not self.hub.sources,
+        )  # fmt: skip
         self.metrics.watch_files(self.files)
         self.web = WebApi(self.access, self.status, self.metrics, self.hub, self.files, engine.model_name)
         self.http = HttpSide(self.web.handle, HttpLimits(max_body_bytes=c.max_upload_bytes))
