@@ -125,6 +125,7 @@ class HttpConnection(asyncio.Protocol):
         self.writable.set()
         self.lost = False
         self.draining: int | None = None  # bytes of a refused body still to read and drop
+        self.early = 0  # bytes received while a request was being answered
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -141,12 +142,20 @@ class HttpConnection(asyncio.Protocol):
         if self.first:
             self.received += data
         self.h11.receive_data(data)
+        if self.task is not None:  # a pipelined request while one is answered: h11 keeps it
+            self.early += len(data)
+            if self.early > self.limits.max_head_bytes and self.transport is not None:
+                self.transport.pause_reading()  # until the answer is out (_serve resumes it)
+            return
         self._events()
 
-    def eof_received(self) -> bool | None:
+    def eof_received(self) -> bool:
+        """The client is done sending (it may half-close after its request): answer first, then
+        close (h11 tells when)."""
         self.h11.receive_data(b"")
-        self._events()
-        return None
+        if self.task is None:
+            self._events()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -251,6 +260,10 @@ class HttpConnection(asyncio.Protocol):
             self.close()
             return
         self.task = None
+        if self.early:
+            self.early = 0
+            if self.transport is not None:
+                self.transport.resume_reading()
         if self.h11.our_state is h11.MUST_CLOSE or self.h11.their_state is h11.MUST_CLOSE:
             self.close()
             return

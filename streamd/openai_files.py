@@ -55,9 +55,11 @@ class OpenAIError(Exception):
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
         self.headers = headers or {}
 
+    def error(self) -> dict:
+        return {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}
+
     def response(self) -> Response:
-        body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
-        return Response(int(self.status), _json(body), "application/json", dict(self.headers))
+        return Response(int(self.status), _json({"error": self.error()}), "application/json", dict(self.headers))
 
 
 @dataclass
@@ -290,6 +292,10 @@ async def transcriptions(request: Request, files: FileQueue, model_name: str) ->
         fields, uploads = parse_form(request.headers.get("Content-Type", ""), request.body)
         req = read_request(fields, uploads, model_name)
         try:
+            files.check_room()  # before decoding: a full queue should cost the client nothing
+        except QueueFull as exc:
+            raise _busy(exc) from None
+        try:
             audio = await asyncio.get_running_loop().run_in_executor(None, decode_audio, req.audio, req.filename)
         except AudioError as exc:
             raise OpenAIError(
@@ -343,7 +349,7 @@ def _streamed(files: FileQueue, audio, req: TranscriptionRequest) -> Response:
                 yield _event({"type": "transcript.text.delta", "delta": delta})
             transcript = await job
         except QueueFull as exc:
-            yield _event({"type": "error", "error": _busy(exc).response().body.decode()})
+            yield _event({"type": "error", "error": _busy(exc).error()})
             return
         except Exception as exc:
             yield _event(

@@ -74,6 +74,27 @@ async def test_two_requests_on_one_kept_alive_connection_both_get_answers(server
     assert data.count(b"HTTP/1.1 200 ") == 2 and data.count(b"X-Method: POST") == 2
 
 
+async def test_a_client_that_half_closes_after_its_request_still_gets_the_answer(server):
+    reader, writer = await asyncio.open_connection("127.0.0.1", port(server))
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc")
+    writer.write_eof()  # as nc -N does
+    out = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert out.startswith(b"HTTP/1.1 200 ") and out.endswith(b"abc")
+
+
+async def test_pipelined_requests_are_answered_in_order(server):
+    requests = b"".join(
+        b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n" + f"{i:02d}".encode() for i in range(5)
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", port(server))
+    writer.write(requests + b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    out = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    bodies = [part.split(b"\r\n\r\n", 1)[1][:2] for part in out.split(b"HTTP/1.1 ")[1:6]]
+    assert bodies == [f"{i:02d}".encode() for i in range(5)] and out.count(b"HTTP/1.1 404 ") == 1
+
+
 async def test_a_chunked_body_is_read_like_any_other(server):
     out = await exchange(
         server,
