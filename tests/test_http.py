@@ -112,6 +112,21 @@ async def test_a_body_over_the_limit_is_refused_with_413_before_it_is_read(serve
     assert out.startswith(b"HTTP/1.1 413 ")  # no length given: counted as it arrives
 
 
+async def test_a_client_that_expects_100_continue_is_told_to_go_on_or_refused_before_sending(server):
+    """curl asks before sending a body over 1 MB: it gets 100 Continue, or the 413 at once."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port(server))
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\nExpect: 100-continue\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100 ")
+    writer.write(b"body")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200 ") and await reader.readexactly(4) == b"body"
+    writer.close()
+    out = await exchange(
+        server, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert out.startswith(b"HTTP/1.1 413 ")  # at once, without waiting for a body that never comes
+
+
 async def test_a_head_over_the_limit_and_garbage_are_refused(server):
     out = await exchange(server, b"GET /echo HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
     assert out.startswith(b"HTTP/1.1 431 ")
