@@ -288,15 +288,18 @@ def _json(obj: object) -> bytes:
 
 async def transcriptions(request: Request, files: FileQueue, model_name: str) -> Response:
     """``POST /v1/audio/transcriptions``."""
+    loop = asyncio.get_running_loop()
     try:
-        fields, uploads = parse_form(request.headers.get("Content-Type", ""), request.body)
+        # Off the event loop: a 25 MB form is a fair amount of Python work, and live streams wait on the loop.
+        fields, uploads = await loop.run_in_executor(None, parse_form, request.headers.get("Content-Type", ""),
+                                                     request.body)  # fmt: skip
         req = read_request(fields, uploads, model_name)
         try:
             files.check_room()  # before decoding: a full queue should cost the client nothing
         except QueueFull as exc:
             raise _busy(exc) from None
         try:
-            audio = await asyncio.get_running_loop().run_in_executor(None, decode_audio, req.audio, req.filename)
+            audio = await loop.run_in_executor(None, decode_audio, req.audio, req.filename)
         except AudioError as exc:
             raise OpenAIError(
                 HTTPStatus.BAD_REQUEST,
