@@ -6,9 +6,10 @@ File work runs on a thread of its own, not on the live engine's threads: a recor
 windows decoded one after another, and a live final that waited behind them would be late. With
 one BLAS thread per engine thread (the default) the two share the cores instead of one queue.
 While no live stream runs, a recording may use every core (``idle_threads`` BLAS threads):
-measured on the 2-core build machine, JFK's 11 s take 0.41 s with 2 threads against 0.50 s
-with 1 (BENCHMARKS.md). OpenBLAS's thread count is the process's, so a live stream that starts
-meanwhile decodes with it too until that recording is done.
+measured on the 2-core build machine, the 20 dev recordings under 30 s took 10% less time with
+2 threads than with 1 (BENCHMARKS.md, "Files over HTTP"). OpenBLAS's thread count is the
+process's, so a live stream that starts meanwhile decodes with it too until that recording is
+done.
 """
 
 from __future__ import annotations

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -101,10 +100,6 @@ class ServerConfig:
             raise ValueError(f"retention_days must be 0 (keep nothing) or more, got {self.retention_days}")
         if self.resume_s < 0:
             raise ValueError(f"resume_s must be 0 (off) or more, got {self.resume_s}")
-
-
-def _json(obj: object) -> bytes:
-    return (json.dumps(obj, indent=1) + "\n").encode()
 
 
 class Daemon:

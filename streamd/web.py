@@ -45,7 +45,7 @@ class WebApi:
 
     def __post_init__(self) -> None:
         self.page = _load_page()
-        get: dict[str, Callable[[Request], Response]] = {
+        self.get: dict[str, Callable[[Request], Response]] = {
             "/": self._page,
             "/index.html": self._page,
             "/healthz": lambda r: _json_response(self.status.health()),
@@ -53,7 +53,6 @@ class WebApi:
             "/metrics": self._metrics,
             "/v1/models": lambda r: models(self.model_name, int(self.started)),
         }
-        self.get = get
 
     async def handle(self, request: Request) -> Response:
         path = request.path

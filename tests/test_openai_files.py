@@ -4,6 +4,7 @@ response format, word timestamps, streaming, MP3 and M4A, and each error status 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -26,12 +27,21 @@ normalise = EnglishTextNormalizer()
 TOKEN = "file-api-test-token"
 
 
+@contextlib.asynccontextmanager
+async def running(engine, **config):
+    """A daemon on a loopback port with these settings, shut down after the block."""
+    d = Daemon(engine, ServerConfig(port=0, **config))
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.shutdown()
+
+
 @pytest.fixture
 async def daemon(engine):
-    d = Daemon(engine, ServerConfig(port=0))
-    await d.start()
-    yield d
-    await d.shutdown()
+    async with running(engine) as d:
+        yield d
 
 
 def client(d: Daemon, key: str = "unused", **kwargs) -> openai.AsyncOpenAI:
@@ -144,9 +154,7 @@ async def test_a_file_that_is_not_audio_is_a_400_naming_the_file(daemon, tmp_pat
 
 
 async def test_a_file_over_the_size_limit_is_a_413(engine, jfk):
-    d = Daemon(engine, ServerConfig(port=0, max_upload_bytes=100_000))
-    await d.start()
-    try:
+    async with running(engine, max_upload_bytes=100_000) as d:
         with open(jfk, "rb") as f, pytest.raises(openai.APIStatusError) as err:
             await client(d).audio.transcriptions.create(file=f, model="whisper-1")
         assert err.value.status_code == 413
@@ -154,14 +162,10 @@ async def test_a_file_over_the_size_limit_is_a_413(engine, jfk):
             small = f.read()[:60_000]
         with pytest.raises(openai.BadRequestError):  # under the limit, but cut: not decodable
             await client(d).audio.transcriptions.create(file=("cut.flac", small), model="whisper-1")
-    finally:
-        await d.shutdown()
 
 
 async def test_without_the_token_it_is_a_401_and_with_it_the_text(engine, jfk, jfk_text):
-    d = Daemon(engine, ServerConfig(port=0, token=TOKEN))
-    await d.start()
-    try:
+    async with running(engine, token=TOKEN) as d:
         with open(jfk, "rb") as f, pytest.raises(openai.AuthenticationError) as err:
             await client(d, "wrong").audio.transcriptions.create(file=f, model="whisper-1")
         assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
@@ -169,14 +173,10 @@ async def test_without_the_token_it_is_a_401_and_with_it_the_text(engine, jfk, j
             await client(d, "wrong").models.list()
         with open(jfk, "rb") as f:
             assert (await client(d, TOKEN).audio.transcriptions.create(file=f, model="whisper-1")).text == jfk_text
-    finally:
-        await d.shutdown()
 
 
 async def test_a_full_queue_answers_429_with_retry_after_and_loses_nothing_it_took(engine, jfk, jfk_text):
-    d = Daemon(engine, ServerConfig(port=0, max_file_requests=1))
-    await d.start()
-    try:
+    async with running(engine, max_file_requests=1) as d:
         api = client(d)
         data = jfk.read_bytes()
         first = asyncio.create_task(api.audio.transcriptions.create(file=("a.flac", data), model="whisper-1"))
@@ -190,8 +190,6 @@ async def test_a_full_queue_answers_429_with_retry_after_and_loses_nothing_it_to
         metrics = await asyncio.to_thread(_get, d.port, "/metrics")
         assert "streamd_file_requests_total 2.0" in metrics and "streamd_file_requests_refused_total 1.0" in metrics
         assert "streamd_file_requests_pending 0.0" in metrics
-    finally:
-        await d.shutdown()
 
 
 async def test_live_streams_and_file_requests_share_the_port(daemon, jfk):
@@ -226,16 +224,12 @@ def test_the_api_gives_streamd_transcribes_text_on_the_whole_dev_corpus(engine, 
     expected = {json.loads(line)["file"]: json.loads(line)["text"] for line in cli.stdout.splitlines()}
 
     async def api_texts() -> dict[str, str]:
-        d = Daemon(engine, ServerConfig(port=0))
-        await d.start()
-        try:
+        async with running(engine) as d:
             api, out = client(d, timeout=600), {}
             for path in files:
                 with open(path, "rb") as f:
                     out[str(path)] = (await api.audio.transcriptions.create(file=f, model="whisper-1")).text
             return out
-        finally:
-            await d.shutdown()
 
     got = asyncio.run(api_texts())
     assert got == expected
