@@ -108,6 +108,12 @@ class HttpSide:
 class HttpConnection(asyncio.Protocol):
     """One client connection until it proves to be a websocket; then it is websockets'."""
 
+    @property
+    def protocol(self):  # (websockets.server.ServerProtocol)
+        """The websockets connection's sans-I/O protocol: websockets' ``serve`` checks it is the
+        one its ``select_subprotocol`` was called for, on the object ``create_connection`` made."""
+        return self.websocket.protocol
+
     def __init__(self, websocket: ServerConnection, side: HttpSide) -> None:
         self.websocket = websocket
         self.side = side

@@ -26,7 +26,7 @@ from .protocol import POLICY_VIOLATION, PROTOCOL_VERSION, TRY_AGAIN_LATER, Proto
 from .store import TranscriptStore
 from .stream import Event, Final, Partial, Stream, StreamConfig
 
-__all__ = ["Hub", "Outbox", "Source"]
+__all__ = ["Hub", "Message", "Outbox", "Source", "control_message"]
 
 DROPPABLE = ("partial", "vad")
 VIEWER_HISTORY_S = 4 * 3600.0  # a viewer gets the earlier sessions of this long (a meeting); downloads get all
@@ -36,6 +36,12 @@ VIEWER_HISTORY_S = 4 * 3600.0  # a viewer gets the earlier sessions of this long
 class Message:
     type: str
     text: str  # serialised once, shared by every receiver
+
+
+def control_message(control: str, **data: object) -> Message:
+    """An adapter's own message to its client (a reply, a commit done), queued in order with the
+    hub's messages and rendered by the adapter's renderer; never dropped for being late."""
+    return Message("control", json.dumps({"control": control, **data}))
 
 
 class Outbox:

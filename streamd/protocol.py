@@ -16,7 +16,7 @@ import numpy as np
 import soxr
 
 from .audio import SAMPLE_RATE
-from .stream import Event, Final, Partial, VadChange
+from .stream import Event, Final, Partial, UtteranceEnd, VadChange
 
 __all__ = [
     "ENCODINGS",
@@ -32,7 +32,29 @@ __all__ = [
 ]
 
 PROTOCOL_VERSION = 1
-ENCODINGS = {"pcm_s16le": np.dtype("<i2"), "pcm_f32le": np.dtype("<f4")}
+ENCODINGS = {
+    "pcm_s16le": np.dtype("<i2"),
+    "pcm_f32le": np.dtype("<f4"),
+    "mulaw": np.dtype("u1"),  # G.711 (telephony)
+    "alaw": np.dtype("u1"),
+}
+
+
+def _g711_tables() -> dict[str, np.ndarray]:
+    """G.711 (telephony, 8 kHz: what OpenAI Realtime calls ``audio/pcmu``/``pcma`` and Deepgram
+    ``mulaw``/``alaw``) byte → float sample, by ITU-T G.711's expansion rules."""
+    b = np.arange(256)
+    u = ~b & 0xFF
+    mu = (((u & 0x0F) << 3) + 0x84 << ((u >> 4) & 7)) - 0x84
+    mu = np.where(u & 0x80, -mu, mu)
+    a = b ^ 0x55
+    exponent, mantissa = (a >> 4) & 7, a & 0x0F
+    mag = np.where(exponent == 0, (mantissa << 4) + 8, ((mantissa << 4) + 0x108) << np.maximum(exponent - 1, 0))
+    al = np.where(a & 0x80, mag, -mag)
+    return {"mulaw": (mu / 32768).astype(np.float32), "alaw": (al / 32768).astype(np.float32)}
+
+
+G711 = _g711_tables()
 MIN_RATE, MAX_RATE = 8000, 192000
 MAX_CHANNELS = 8
 # \Z, not $: "$" also matches before a trailing newline, which let "room-1\n" through.
@@ -221,10 +243,14 @@ class AudioDecoder:
                 f"samples ({self.format.encoding}, {self.format.channels} channel(s)): "
                 f"dropped the last {len(data) - whole} bytes",
             )
-        samples = np.frombuffer(data[:whole], dtype=self._dtype).astype(np.float32)
-        if self._scale != 1.0:
+        raw = np.frombuffer(data[:whole], dtype=self._dtype)
+        if self.format.encoding in G711:
+            samples = G711[self.format.encoding][raw]  # a table lookup: a new array
+        elif self._scale != 1.0:
+            samples = raw.astype(np.float32)
             samples *= np.float32(self._scale)
         else:
+            samples = raw.astype(np.float32)
             # Float PCM: non-finite samples are reported and replaced; finite ones are clipped to the
             # protocol's [-1, 1] like any PCM path. Huge finite ones (|x| > ~1e19) overflowed the mel's
             # power spectrum to inf and fed NaN to the engine, and summing channels could overflow.
@@ -257,7 +283,7 @@ def _seconds(t: float) -> float:
 def event_message(event: Event) -> dict:
     """The protocol message for a stream event (without ``seq``: the publisher numbers them)."""
     if isinstance(event, Final):
-        return {
+        message = {
             "type": "final",
             "segment": event.segment,
             "start": _seconds(event.start),
@@ -268,6 +294,9 @@ def event_message(event: Event) -> dict:
                 for w in event.words
             ],
         }
+        if event.closes:
+            message["closes"] = True
+        return message
     if isinstance(event, Partial):
         return {
             "type": "partial",
@@ -278,4 +307,6 @@ def event_message(event: Event) -> dict:
         }
     if isinstance(event, VadChange):
         return {"type": "vad", "speech": event.speech, "t": _seconds(event.t)}
+    if isinstance(event, UtteranceEnd):
+        return {"type": "utterance_end", "t": _seconds(event.t)}
     raise TypeError(f"not a stream event: {event!r}")

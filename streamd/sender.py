@@ -18,7 +18,7 @@ from websockets.exceptions import ConnectionClosed
 from .hub import Message, Outbox
 from .protocol import POLICY_VIOLATION, ProtocolError
 
-__all__ = ["TcpTransport", "Transport", "WebsocketTransport", "error_message", "start_sender"]
+__all__ = ["RenderingTransport", "TcpTransport", "Transport", "WebsocketTransport", "error_message", "start_sender"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,26 @@ class TcpTransport:
 
     async def close_slow(self) -> None:
         """The TCP client's connection is closed by its handler once the sender ends."""
+
+
+class RenderingTransport:
+    """A client of another wire protocol (OpenAI Realtime, Deepgram, Wyoming): each message of
+    its outbox (a protocol v1 message, or an adapter's own ``{"control": ...}`` message) becomes
+    that protocol's frames through ``render``, a sans-I/O object that sees them in the order they
+    are sent. Rendering at send time keeps the outbox's rules (partials replaced, finals kept)
+    the same for every protocol, and one renderer state in one order."""
+
+    def __init__(self, inner: Transport, render: Callable[[dict], list]) -> None:
+        self.inner, self.render = inner, render
+        self.gone = inner.gone
+        self.peer = inner.peer
+
+    async def send(self, text: str) -> None:
+        for frame in self.render(json.loads(text)):
+            await self.inner.send(frame)
+
+    async def close_slow(self) -> None:
+        await self.inner.close_slow()
 
 
 def start_sender(outbox: Outbox, transport: Transport, on_slow: Callable[[], None]) -> asyncio.Task:

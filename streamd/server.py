@@ -22,7 +22,7 @@ import socket
 import sqlite3
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -37,6 +37,7 @@ from websockets.http11 import Response as WsResponse
 
 from whisper_engine.engine import Engine
 
+from . import deepgram_listen, openai_realtime
 from .audio import SAMPLE_RATE
 from .auth import AccessPolicy, is_loopback_address
 from .files import FileQueue
@@ -45,11 +46,11 @@ from .hub import Hub, Outbox, Source
 from .metrics import Metrics
 from .protocol import SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, parse_control, parse_start
 from .scheduler import Scheduler
-from .sender import TcpTransport, WebsocketTransport, error_message, start_sender
+from .sender import RenderingTransport, TcpTransport, Transport, WebsocketTransport, error_message, start_sender
 from .sessions import DetachedSessions
 from .status import Status
 from .store import PURGE_EVERY_S, TranscriptStore
-from .stream import StreamConfig
+from .stream import StreamConfig, VadChange
 from .web import WEBSOCKET_PATHS, WebApi
 
 __all__ = ["Daemon", "ServerConfig"]
@@ -158,6 +159,7 @@ class Daemon:
             **where,
             ssl=tls,
             process_request=self._upgrade,
+            select_subprotocol=_select_subprotocol,
             create_connection=self.http.create_connection,  # type: ignore[arg-type]  # HTTP first
             ping_interval=c.ping_interval_s,
             ping_timeout=c.ping_interval_s,
@@ -260,6 +262,11 @@ class Daemon:
             return response
         if url.path not in WEBSOCKET_PATHS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"no websocket at {url.path}: see /v1/stream\n")
+        bad_query = deepgram_listen.refusal(url.path, url.query) or openai_realtime.refusal(url.path, url.query)
+        if bad_query is not None:
+            response = connection.respond(*bad_query)
+            response.headers["Content-Type"] = "application/json"
+            return response
         if self._server is not None and len(self._server.connections) > self.config.max_connections:
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         return None
@@ -270,6 +277,10 @@ class Daemon:
         url = urlsplit(ws.request.path)
         if url.path == "/v1/stream":
             await self._stream_client(ws)
+        elif url.path == openai_realtime.PATH:
+            await openai_realtime.serve(self, ws)
+        elif url.path == deepgram_listen.PATH:
+            await deepgram_listen.serve(self, ws)
         else:
             await self._viewer(ws, parse_qs(url.query).get("source", [""])[0])
 
@@ -512,6 +523,51 @@ class Daemon:
                 samples, _ = decoder.decode(chunk)
                 await self.feed(source, samples)
 
+    async def serve_live(
+        self,
+        kind: str,
+        source_id: str | None,
+        transport: Transport,
+        render: Callable[[dict], list],
+        read: Callable[[Source, Outbox], Awaitable[object]],
+    ) -> ProtocolError | None:
+        """One session of a client of another protocol (an adapter module's shell calls this):
+        a source of ``kind`` opened, its messages rendered by ``render`` (which sees ``ready``
+        first, or the error that refused the stream), ``read(source, outbox)`` run as its ingest
+        until the client stops, then the source finalised. Returns the fatal error, if any."""
+        outbox = Outbox(self.config.max_queue)
+        sender = start_sender(outbox, RenderingTransport(transport, render), self.metrics.slow_clients.inc)
+        try:
+            source = self.open_source(source_id, kind)
+        except ProtocolError as err:
+            self.metrics.errors.labels(err.code).inc()
+            outbox.put(error_message(err))
+            outbox.close()
+            await sender
+            return err
+        source.owner = outbox
+        outbox.put(source.ready_message)
+        fatal = await self.run_source(source, read(source, outbox))
+        outbox.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sender
+        return fatal
+
+    async def cut(self, source: Source) -> bool:
+        """End ``source``'s utterance now (a Realtime ``commit``, a Deepgram ``Finalize``) and wait
+        until its last finals are queued; the stream goes on after. Whether speech was open."""
+        events = source.stream.finish()
+        source.emit(events)
+        self.scheduler.wake()
+        while not source.stream.idle:
+            await source.wait_progress()
+        return any(isinstance(e, VadChange) for e in events)
+
+    def clear(self, source: Source) -> None:
+        """Drop what ``source`` has not committed yet (a Realtime ``input_audio_buffer.clear``)."""
+        source.stream.clear()
+        self.scheduler.wake()
+
     def play(self, source_id: str, kind: str, chunks: AsyncIterator[np.ndarray]) -> asyncio.Task:
         """Run a server-side source (a file, the microphone) until its audio ends."""
         source = self.open_source(source_id, kind)
@@ -543,6 +599,15 @@ def source_id_for(path: Path) -> str:
     """A file's source id: its stem, made to fit the id rules."""
     stem = "".join(c if c.isalnum() or c in "._-" else "-" for c in path.stem).lstrip("._-:")
     return stem[:64] or "file"
+
+
+def _select_subprotocol(connection: ServerConnection, offered: Sequence[str]) -> str | None:
+    """The subprotocol the client's own API names, so that a browser sees one it offered: OpenAI's
+    ``realtime`` (beside the key it carries), Deepgram's ``token`` (before the key); else none."""
+    for name in ("realtime", "token"):
+        if name in offered:
+            return name
+    return None
 
 
 def _reason(err: ProtocolError) -> str:

@@ -20,7 +20,7 @@ from .audio import SAMPLE_RATE
 from .policy import CommitPolicy, LocalAgreement, TimedWord
 from .vad import VadConfig, VadGate
 
-__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "VadChange"]
+__all__ = ["Final", "Job", "Partial", "Stream", "StreamConfig", "UtteranceEnd", "VadChange"]
 
 HOP = 160  # mel frame hop: windows start on one, so a stream's mel frames can be reused
 # A leading repeat of up to this many committed words is an echo: five let "What your country
@@ -54,6 +54,7 @@ class Job:
     prefix: str  # committed text still inside it: forced, not decoded again
     final: bool  # the speech ended: everything decoded is final
     min_window_s: float = 5.0
+    epoch: int = 0  # the stream's clear count when it was made: a result from before a clear is dropped
 
     @property
     def start_sample(self) -> int:
@@ -75,6 +76,7 @@ class Final:
     end: float
     text: str
     words: list[TimedWord]
+    closes: bool = False  # the closing decode of its utterance made it: the utterance's last final
 
 
 @dataclass
@@ -83,7 +85,17 @@ class VadChange:
     t: float
 
 
-Event = Partial | Final | VadChange
+@dataclass
+class UtteranceEnd:
+    """Every final of the utterance whose speech ended at ``t`` has been emitted: what a protocol
+    that reports whole utterances (OpenAI Realtime's ``completed``, Deepgram's ``speech_final``)
+    waits for. It comes after the closing decode, or at once when the words had all been
+    committed before the speech ended."""
+
+    t: float
+
+
+Event = Partial | Final | VadChange | UtteranceEnd
 
 
 class SampleBuffer:
@@ -140,6 +152,7 @@ class Stream:
         self._committed_until = 0.0
         self._recent: list[TimedWord] = []  # the last committed words, wherever they are now
         self._prompt_text = ""  # committed text that has left the window
+        self._epoch = 0  # clears so far
 
     @property
     def time(self) -> float:
@@ -211,26 +224,37 @@ class Stream:
         if not self._vad.in_speech and self._speech_end is None:
             # Silence: keep only what a future region's pre-roll may reach back to.
             self._trim_to(max(self._buffer_start, self.time - self.config.vad.lookback_s - 0.1))
+        self._settle(events)
         return events
 
     def finish(self) -> list[Event]:
-        """The client stopped: treat what is left as the end of speech."""
+        """The client stopped, or asked for its words now (a Realtime ``commit``, a Deepgram
+        ``Finalize``): what is left is the end of speech. Audio fed after it starts afresh."""
         region = self._vad.flush()
+        events: list[Event] = []
         if region is not None:
             self._speech_end = region.end
-            return [VadChange(False, region.end or self.time)]
-        return []
+            events.append(VadChange(False, region.end or self.time))
+        self._settle(events)
+        return events
+
+    def clear(self) -> None:
+        """Forget what is not committed yet (a Realtime client's ``input_audio_buffer.clear``): the
+        open utterance and one waiting for its closing decode; a decode in flight comes back to
+        nothing. No event: the utterance is dropped, not ended."""
+        self._vad.flush()
+        self._epoch += 1
+        self._speech_end = None
+        self._region_start = None
+        self._policy.reset()
+        self._trim_to(self.time)
 
     def next_job(self) -> Job | None:
         """A window to decode now, or ``None`` (nothing new, or a job is still running)."""
         if self._busy:
             return None
-        if self._speech_end is not None:
-            end = self._speech_end
-            if end <= max(self._buffer_start, self._committed_until):
-                self._end_utterance(end)
-                return None
-            audio = self._buffer[: max(0, round((end - self._buffer_start) * SAMPLE_RATE))]
+        if self._speech_end is not None:  # (not yet committed: _settle ends a committed one)
+            audio = self._buffer[: max(0, round((self._speech_end - self._buffer_start) * SAMPLE_RATE))]
             return self._start(self._job(audio, final=True))
         if not self._vad.in_speech or self._region_start is None:
             return None
@@ -244,11 +268,16 @@ class Stream:
         """Take the words decoded for ``job`` (stream times); returns partials and finals."""
         self._busy = False
         events: list[Event] = []
+        if job.epoch != self._epoch:  # made before a clear
+            self._settle(events)
+            return events
         fresh = self._drop_echo(_drop_unheard_repeats(words))
         window_end = job.offset + len(job.audio) / SAMPLE_RATE
         if job.final:
-            self._commit(self._policy.flush(fresh), events)
+            self._commit(self._policy.flush(fresh), events, closes=True)
             self._end_utterance(window_end)
+            events.append(UtteranceEnd(window_end))
+            self._settle(events)  # a later utterance that ended meanwhile, all committed already
             return events
         committed, partial = self._policy.update(fresh)
         if not committed and window_end - job.offset > self.config.max_window_s:
@@ -270,6 +299,7 @@ class Stream:
             # outgrow the encoder's 30 s.
             self._trim_to(window_end - self.config.max_window_s + self.config.force_commit_lag_s)
             self._policy.reset()
+        self._settle(events)
         return events
 
     # -----------------------------------------------------------------------------------------
@@ -285,7 +315,15 @@ class Stream:
                 return words[n:]
         return words
 
-    def _commit(self, words: list[TimedWord], events: list[Event]) -> None:
+    def _settle(self, events: list[Event]) -> None:
+        """End the utterance that waits for its final when its words are all committed already
+        (a decode reached its end before the speech did): no closing decode is needed."""
+        end = self._speech_end
+        if not self._busy and end is not None and end <= max(self._buffer_start, self._committed_until):
+            self._end_utterance(end)
+            events.append(UtteranceEnd(end))
+
+    def _commit(self, words: list[TimedWord], events: list[Event], closes: bool = False) -> None:
         text = "".join(w.word for w in words).strip()
         if not text:
             return
@@ -297,7 +335,7 @@ class Stream:
             floor = max(w.end, start)
             timed.append(replace(w, start=start, end=floor))
         words = timed
-        events.append(Final(self._segment, words[0].start, words[-1].end, text, list(words)))
+        events.append(Final(self._segment, words[0].start, words[-1].end, text, list(words), closes))
         self._committed += words
         self._recent = [*self._recent, *words][-ECHO_WORDS:]
         self._committed_until = max(self._committed_until, words[-1].end)
@@ -314,7 +352,7 @@ class Stream:
 
     def _job(self, audio: np.ndarray, final: bool) -> Job:
         prefix = "".join(w.word for w in self._committed)
-        return Job(audio, self._buffer_start, self._prompt(), prefix, final, self.config.min_window_s)
+        return Job(audio, self._buffer_start, self._prompt(), prefix, final, self.config.min_window_s, self._epoch)
 
     def _start(self, job: Job) -> Job:
         self._busy = True

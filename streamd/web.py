@@ -28,7 +28,7 @@ from .status import Status
 
 __all__ = ["WebApi"]
 
-WEBSOCKET_PATHS = ("/v1/stream", "/v1/captions")
+WEBSOCKET_PATHS = ("/v1/stream", "/v1/captions", "/v1/realtime", "/v1/listen")
 
 
 @dataclass

@@ -194,3 +194,21 @@ async def test_hub_limits_streams():
     with pytest.raises(ProtocolError) as info:
         hub.open(None, "tcp")
     assert info.value.code == "too_many_streams" and info.value.close_code == 1013
+
+
+@pytest.mark.parametrize(("encoding", "subtype"), [("mulaw", "ULAW"), ("alaw", "ALAW")])
+def test_g711_bytes_decode_as_libsndfile_decodes_them(tmp_path, encoding, subtype):
+    """Telephony audio (Realtime's ``audio/pcmu``/``pcma``, Deepgram's ``mulaw``/``alaw``): every
+    one of the 256 codes, encoded and decoded back by libsndfile, an implementation of its own."""
+    import soundfile as sf
+
+    ramp = np.linspace(-1, 1, 8000, dtype=np.float32)
+    sf.write(tmp_path / "a.raw", ramp, 8000, format="RAW", subtype=subtype)
+    raw = (tmp_path / "a.raw").read_bytes()
+    assert len(set(raw)) > 200  # the ramp reaches (nearly) every code
+    expected, _ = sf.read(tmp_path / "a.raw", format="RAW", subtype=subtype, samplerate=8000, channels=1,
+                          dtype="float32")  # fmt: skip
+    decoder = AudioDecoder(AudioFormat(encoding, 16000))  # (16 kHz: no resampling to compare through)
+    samples, err = decoder.decode(raw)
+    assert err is None
+    np.testing.assert_allclose(samples, expected, atol=1e-6)

@@ -12,7 +12,7 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from streamd.audio import load_audio
 from streamd.jobs import run_job
 from streamd.policy import LocalAgreement, TimedWord
-from streamd.stream import Final, Partial, Stream, VadChange
+from streamd.stream import Final, Partial, Stream, UtteranceEnd, VadChange
 
 from .conftest import reference
 
@@ -116,6 +116,63 @@ def test_vad_events_bracket_the_speech(streamed):
     vad = [e for e in events if isinstance(e, VadChange)]
     assert vad[0].speech and 2.5 < vad[0].t < 3.5
     assert not vad[-1].speech and vad[-1].t > 13.0
+
+
+def test_each_utterance_ends_once_after_its_last_final(streamed):
+    """What the live adapters build on: one ``UtteranceEnd`` per speech region, after every final
+    of it, and only the final of the closing decode says it closes its utterance."""
+    events, _ = streamed
+    ends = [i for i, e in enumerate(events) if isinstance(e, UtteranceEnd)]
+    stops = [e for e in events if isinstance(e, VadChange) and not e.speech]
+    assert len(ends) == len(stops) >= 1
+    finals = [i for i, e in enumerate(events) if isinstance(e, Final)]
+    assert finals and finals[-1] < ends[-1]
+    closing = [i for i in finals if events[i].closes]
+    assert len(closing) <= len(ends) and all(isinstance(events[i + 1], UtteranceEnd) for i in closing)
+
+
+def test_an_utterance_committed_before_its_speech_ended_ends_without_a_closing_decode(jfk):
+    """A decode that commits every word up to the end of speech leaves nothing for a closing
+    decode: the utterance ends at once, with no final job."""
+    stream = Stream(policy=CommitAtOnce())
+    audio = load_audio(jfk)[: 3 * 16000]
+    events = []
+    for i in range(0, len(audio), 1600):
+        events += stream.feed(audio[i : i + 1600])
+        if (job := stream.next_job()) is not None:
+            end = job.offset + len(job.audio) / 16000
+            events += stream.on_result(job, [TimedWord(" word", end - 0.2, end + 5.0, 0.9)])  # past any end
+    events += stream.finish()
+    assert isinstance(events[-1], UtteranceEnd) and stream.next_job() is None and stream.idle
+    assert not any(isinstance(e, Final) and e.closes for e in events)
+
+
+def test_finish_mid_stream_ends_the_utterance_and_the_stream_goes_on(engine, jfk):
+    """A client's commit (Realtime) or Finalize (Deepgram) is ``finish`` with more audio after it:
+    the open utterance closes with its final, then later speech opens a new one."""
+    stream = Stream()
+    audio = load_audio(jfk)
+    half = len(audio) // 2
+    events = []
+
+    def drain():
+        while (job := stream.next_job()) is not None:
+            events.extend(stream.on_result(job, run_job(engine, job)))
+
+    for i in range(0, half, 1600):
+        events += stream.feed(audio[i : min(i + 1600, half)])
+        drain()
+    events += stream.finish()
+    drain()
+    first = next(i for i, e in enumerate(events) if isinstance(e, UtteranceEnd))
+    assert any(isinstance(e, Final) for e in events[:first])
+    for i in range(half, len(audio), 1600):
+        events += stream.feed(audio[i : i + 1600])
+        drain()
+    events += stream.finish()
+    drain()
+    assert any(isinstance(e, Final) for e in events[first:])
+    assert sum(isinstance(e, UtteranceEnd) for e in events) >= 2 and stream.idle
 
 
 def test_finals_carry_the_text_in_order(streamed, jfk):
