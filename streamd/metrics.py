@@ -70,6 +70,7 @@ class Metrics:
             registry=r,
         )
         r.register(_StageCollector(status))
+        r.register(_KindCollector(hub))
         r.register(_DetectorCollector())
         r.register(_GuardCollector(status))
         r.register(_DeviceMemoryCollector(status))
@@ -107,6 +108,23 @@ class _StageCollector:
         seconds["mel"] = seconds.get("mel", 0.0) + stats.mel_s + stats.window_mel_s  # the mel thread's share
         for stage, value in seconds.items():
             family.add_metric([stage, devices.get(stage, "cpu")], value)
+        yield family
+
+
+class _KindCollector:
+    """Live streams by the protocol (or source) they came in on: websocket (v1), realtime,
+    deepgram, tcp, file, mic."""
+
+    def __init__(self, hub) -> None:
+        self._hub = hub
+
+    def collect(self):
+        family = GaugeMetricFamily("streamd_streams_by_kind", "Live audio sources by protocol", labels=["kind"])
+        counts: dict[str, int] = {}
+        for source in self._hub.sources.values():
+            counts[source.kind] = counts.get(source.kind, 0) + 1
+        for kind, n in sorted(counts.items()):
+            family.add_metric([kind], n)
         yield family
 
 

@@ -91,7 +91,7 @@ AUDIO_CODES = {"bad_audio", "frame_too_large"}
 SERVER_CODES = {"source_in_use", "too_many_streams", "unknown_session", "slow_client", "bad_request", "read_only"}
 FAILURE_CODES = {"engine_error", "internal_error"}  # defined, but a client's input must never cause them
 KNOWN_CODES = START_CODES | CONTROL_CODES | AUDIO_CODES | SERVER_CODES | FAILURE_CODES
-MESSAGE_TYPES = {"ready", "partial", "final", "vad", "error", "end"}
+MESSAGE_TYPES = {"ready", "partial", "final", "vad", "utterance_end", "error", "end"}
 # Close codes the daemon (or websockets on its behalf) ends a connection with. 1011 (internal
 # error) is not among them: websockets sends it when a connection handler raised.
 NORMAL, GOING_AWAY, PROTOCOL_ERROR, UNSUPPORTED_DATA, INVALID_DATA = 1000, 1001, 1002, 1003, 1007

@@ -21,7 +21,7 @@ from streamd.openai_realtime import RealtimeClient, RealtimeRenderer, RealtimeSe
 from streamd.server import Daemon, ServerConfig
 
 from .conftest import speech_file
-from .live_clients import SPEED, one_word, pcm16, v1_text, wer
+from .live_clients import SPEED, live_bar, pcm16, v1_text, wer
 
 openai = pytest.importorskip("openai")
 
@@ -116,7 +116,7 @@ async def test_the_sdk_streams_speech_and_gets_each_utterance_as_deltas_and_comp
     committed = [e.item_id for e in events if e.type == "input_audio_buffer.committed"]
     assert set(items) <= set(committed)
     text = " ".join(completed(events))
-    assert wer(path, text) <= wer(path, v1) + max(0.01, one_word(path)) + 1e-9, (text, v1)
+    assert wer(path, text) <= live_bar(path, v1), (text, v1)
 
 
 async def test_a_beta_client_gets_the_beta_event_names_and_pcm16(engine, jfk, jfk_audio):
