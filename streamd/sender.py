@@ -66,7 +66,7 @@ class TcpTransport:
 
 
 class RenderingTransport:
-    """A client of another wire protocol (OpenAI Realtime, Deepgram, Wyoming): each message of
+    """A client of another wire protocol (OpenAI Realtime, Deepgram): each message of
     its outbox (a protocol v1 message, or an adapter's own ``{"control": ...}`` message) becomes
     that protocol's frames through ``render``, a sans-I/O object that sees them in the order they
     are sent. Rendering at send time keeps the outbox's rules (partials replaced, finals kept)
