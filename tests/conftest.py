@@ -8,6 +8,7 @@ when it is not.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,6 +35,19 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.asynccontextmanager
+async def running(engine, **config):
+    """A daemon in this process on a loopback port with these settings, shut down after the block."""
+    from streamd.server import Daemon, ServerConfig
+
+    d = Daemon(engine, ServerConfig(port=0, **config))
+    await d.start()
+    try:
+        yield d
+    finally:
+        await d.shutdown()
 
 
 def speech_file(name: str) -> Path:

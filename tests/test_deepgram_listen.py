@@ -4,7 +4,6 @@ on real speech; then the sans-I/O query parser and renderer."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import pytest
@@ -13,9 +12,9 @@ from websockets.exceptions import InvalidStatus
 
 from streamd.audio import load_audio
 from streamd.deepgram_listen import ListenError, ListenRenderer, Received, parse_query
-from streamd.server import Daemon, ServerConfig
+from streamd.server import Daemon
 
-from .conftest import speech_file
+from .conftest import running, speech_file
 from .live_clients import SPEED, live_bar, pcm16, v1_text, wer
 
 deepgram = pytest.importorskip("deepgram")
@@ -24,16 +23,6 @@ from deepgram.environment import DeepgramClientEnvironment  # noqa: E402
 
 TOKEN = "deepgram-test-token"
 LONG = "dev_librispeech_1221-135766-0001"
-
-
-@contextlib.asynccontextmanager
-async def running(engine, **config):
-    d = Daemon(engine, ServerConfig(port=0, **config))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 def client(d: Daemon, key: str = "unused") -> deepgram.AsyncDeepgramClient:

@@ -4,7 +4,6 @@ response format, word timestamps, streaming, MP3 and M4A, and each error status 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import subprocess
 import sys
@@ -15,27 +14,16 @@ from whisper_normalizer.english import EnglishTextNormalizer
 
 from streamd.audio import load_audio
 from streamd.files import transcribe_file
-from streamd.server import Daemon, ServerConfig
+from streamd.server import Daemon
 from streamd.vad import VadConfig
 from whisper_engine.transcribe import TranscribeOptions
 
-from .conftest import DATA, need_corpus, reference, speech_file
+from .conftest import DATA, need_corpus, reference, running, speech_file
 
 openai = pytest.importorskip("openai")
 
 normalise = EnglishTextNormalizer()
 TOKEN = "file-api-test-token"
-
-
-@contextlib.asynccontextmanager
-async def running(engine, **config):
-    """A daemon on a loopback port with these settings, shut down after the block."""
-    d = Daemon(engine, ServerConfig(port=0, **config))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 @pytest.fixture

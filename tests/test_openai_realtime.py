@@ -18,25 +18,15 @@ from websockets.exceptions import InvalidStatus
 
 from streamd.audio import load_audio
 from streamd.openai_realtime import RealtimeClient, RealtimeRenderer, RealtimeSettings
-from streamd.server import Daemon, ServerConfig
+from streamd.server import Daemon
 
-from .conftest import speech_file
+from .conftest import running, speech_file
 from .live_clients import SPEED, live_bar, pcm16, v1_text, wer
 
 openai = pytest.importorskip("openai")
 
 TOKEN = "realtime-test-token"
 LONG = "dev_librispeech_1221-135766-0001"  # 16.7 s, several utterances
-
-
-@contextlib.asynccontextmanager
-async def running(engine, **config):
-    d = Daemon(engine, ServerConfig(port=0, **config))
-    await d.start()
-    try:
-        yield d
-    finally:
-        await d.shutdown()
 
 
 def client(d: Daemon, key: str = "unused") -> openai.AsyncOpenAI:
