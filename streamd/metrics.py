@@ -113,7 +113,7 @@ class _StageCollector:
 
 class _KindCollector:
     """Live streams by the protocol (or source) they came in on: websocket (v1), realtime,
-    deepgram, tcp, file, mic."""
+    deepgram, wyoming, tcp, file, mic."""
 
     def __init__(self, hub) -> None:
         self._hub = hub

@@ -28,7 +28,8 @@ class Transport(Protocol):
     gone: tuple[type[BaseException], ...]
     peer: str
 
-    async def send(self, text: str) -> None: ...
+    async def send(self, text: str) -> None:
+        """One frame: text, or bytes where the protocol is a byte stream (Wyoming)."""
 
     async def close_slow(self) -> None:
         """Close after the ``slow_client`` error (or try to)."""
@@ -66,7 +67,7 @@ class TcpTransport:
 
 
 class RenderingTransport:
-    """A client of another wire protocol (OpenAI Realtime, Deepgram): each message of
+    """A client of another wire protocol (OpenAI Realtime, Deepgram, Wyoming): each message of
     its outbox (a protocol v1 message, or an adapter's own ``{"control": ...}`` message) becomes
     that protocol's frames through ``render``, a sans-I/O object that sees them in the order they
     are sent. Rendering at send time keeps the outbox's rules (partials replaced, finals kept)

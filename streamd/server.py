@@ -37,7 +37,7 @@ from websockets.http11 import Response as WsResponse
 
 from whisper_engine.engine import Engine
 
-from . import deepgram_listen, openai_realtime
+from . import deepgram_listen, openai_realtime, wyoming_asr
 from .audio import SAMPLE_RATE
 from .auth import AccessPolicy, is_loopback_address
 from .files import FileQueue
@@ -65,6 +65,10 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
     tcp_port: int | None = None
+    wyoming_port: int | None = None  # Wyoming speech-to-text (Home Assistant); 10300 by convention
+    wyoming_host: str = "127.0.0.1"  # Wyoming has no auth: off loopback only with wyoming_allow
+    wyoming_allow: str = ""  # comma-separated client addresses/networks allowed besides loopback
+    wyoming_zeroconf: bool = False  # announce the Wyoming port over mDNS (needs the zeroconf package)
     max_frame_bytes: int = 1 << 20  # one audio frame (the protocol sends at most 1 s)
     max_queue: int = 256  # messages waiting for one client before it is cut off
     max_connections: int = 64
@@ -101,6 +105,14 @@ class ServerConfig:
             raise ValueError(f"retention_days must be 0 (keep nothing) or more, got {self.retention_days}")
         if self.resume_s < 0:
             raise ValueError(f"resume_s must be 0 (off) or more, got {self.resume_s}")
+        if self.wyoming_port is not None and not 0 <= self.wyoming_port <= 65535:
+            raise ValueError(f"wyoming_port must be 0..65535, got {self.wyoming_port}")
+        wyoming_asr.parse_networks(self.wyoming_allow)  # a bad network is an error now, not at a connection
+        if not is_loopback_address(self.wyoming_host) and not self.wyoming_allow:
+            raise ValueError(
+                f"wyoming_host {self.wyoming_host!r} is not loopback, and Wyoming has no authentication: "
+                "set wyoming_allow to the client addresses (Home Assistant's) that may connect"
+            )
 
 
 class Daemon:
@@ -124,6 +136,9 @@ class Daemon:
         self.scheduler.on_batch = self.metrics.batch_size.observe
         self._server: Server | None = None
         self._tcp: asyncio.Server | None = None
+        self._wyoming: asyncio.Server | None = None
+        self._announcer: wyoming_asr.WyomingAnnouncer | None = None
+        self.wyoming_connections: set[asyncio.StreamWriter] = set()
         self._readers: dict[Source, asyncio.Task] = {}  # ingest tasks, cancelled on shutdown
         self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
@@ -173,6 +188,14 @@ class Daemon:
             self._tcp = await asyncio.start_server(self._tcp_client, sock=listen[1])
         elif c.tcp_port is not None:
             self._tcp = await asyncio.start_server(self._tcp_client, c.host, c.tcp_port)
+        if c.wyoming_port is not None:
+            self._wyoming = await asyncio.start_server(
+                lambda r, w: wyoming_asr.serve(self, r, w), c.wyoming_host, c.wyoming_port,
+                limit=wyoming_asr.MAX_HEADER_BYTES,
+            )  # fmt: skip
+            if c.wyoming_zeroconf:
+                self._announcer = wyoming_asr.WyomingAnnouncer(self.wyoming_port, c.wyoming_host)
+                await self._announcer.start()
         if self.hub.store is not None:
             self._purger = asyncio.create_task(self._purge_store())
             log.info("finals kept in %s for %g days", self.hub.store.path, c.retention_days)
@@ -203,11 +226,17 @@ class Daemon:
         return self._tcp.sockets[0].getsockname()[1] if self._tcp is not None else None
 
     @property
+    def wyoming_port(self) -> int | None:
+        return self._wyoming.sockets[0].getsockname()[1] if self._wyoming is not None else None
+
+    @property
     def addresses(self) -> list[str]:
         scheme = "https" if self.config.tls_cert else "http"
         out = [f"{scheme}://{_address(self._server.sockets[0])}"] if self._server else []
         if self._tcp is not None:
             out.append(f"tcp://{_address(self._tcp.sockets[0])}")
+        if self._wyoming is not None:
+            out.append(f"wyoming tcp://{_address(self._wyoming.sockets[0])}")
         return out
 
     async def shutdown(self) -> None:
@@ -221,6 +250,10 @@ class Daemon:
             self._server.close(close_connections=False)
         if self._tcp is not None:
             self._tcp.close()
+        if self._wyoming is not None:
+            self._wyoming.close()
+        if self._announcer is not None:
+            await self._announcer.stop()
         for task in [*self._readers.values(), *self._tasks]:
             task.cancel()
         self.detached.cancel_all()
@@ -229,6 +262,8 @@ class Daemon:
             await asyncio.sleep(0.05)
         if self.hub.sources:
             log.warning("streams not finalised in time: %s", ", ".join(self.hub.sources))
+        for writer in list(self.wyoming_connections):  # idle between transcriptions: nothing to finish
+            writer.close()
         for outbox in self._viewers:
             outbox.close()
         if self._viewers:
@@ -243,6 +278,8 @@ class Daemon:
             await self._server.wait_closed()
         if self._tcp is not None:
             await self._tcp.wait_closed()
+        if self._wyoming is not None:
+            await self._wyoming.wait_closed()
         await self.scheduler.stop()
         if self._purger is not None:
             self._purger.cancel()

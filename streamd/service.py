@@ -36,6 +36,14 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     "host": (str, ServerConfig.host, "address to listen on"),
     "port": (int, ServerConfig.port, "websocket + HTTP port (0: any free port)"),
     "tcp_port": (int, None, "also take raw s16le 16 kHz mono audio on this TCP port, JSON lines out"),
+    "wyoming_port": (int, None, "also serve Wyoming speech-to-text (Home Assistant) on this TCP port, e.g. 10300"),
+    "wyoming_host": (str, ServerConfig.wyoming_host, "address of the Wyoming port (off loopback: set wyoming_allow)"),
+    "wyoming_allow": (
+        str,
+        ServerConfig.wyoming_allow,
+        "comma-separated addresses or networks that may use the Wyoming port besides loopback",
+    ),
+    "wyoming_zeroconf": (bool, False, "announce the Wyoming port over mDNS for Home Assistant (pip install zeroconf)"),
     "model": (str, None, "CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"),
     "backend": (str, "auto", "accelerator: auto, cpu, xdna, xdna-all, golden or cuda"),
     "cuda_device": (
@@ -148,7 +156,8 @@ def _coerce(key: str, value: object, where: str) -> object:
             return kind(text)
         except ValueError:
             raise ConfigError(f"{where}: {key} must be {kind.__name__}, got {value!r}") from None
-    if key == "allowed_origins" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    listed = key in ("allowed_origins", "wyoming_allow") and isinstance(value, list)
+    if listed and all(isinstance(v, str) for v in value):
         return ",".join(value)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -206,6 +215,11 @@ def _check(values: dict[str, object]) -> None:
         raise ConfigError(
             f"host {values['host']!r} is not loopback: set token_file (clients must send the token) to listen there"
         )
+    if values["wyoming_zeroconf"]:
+        try:
+            import zeroconf  # noqa: F401
+        except ImportError:
+            raise ConfigError("wyoming_zeroconf needs the zeroconf package: pip install 'streamd[zeroconf]'") from None
     try:
         server_config(values)  # each setting's own range checks
     except ValueError as e:
