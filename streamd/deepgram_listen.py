@@ -15,11 +15,15 @@ the wire format onto it:
 
 Endpointing is our VAD's (its silence rule holds whatever ``endpointing`` says, except
 ``endpointing=false``, which turns ``speech_final`` off); Whisper punctuates, so ``punctuate`` and
-``smart_format`` change nothing. Raw audio only: ``linear16``, ``linear32``, ``mulaw``, ``alaw``.
+``smart_format`` change nothing. Raw audio (``linear16``, ``linear32``, ``mulaw``, ``alaw``, at
+``sample_rate``), or, as Deepgram takes it, containerized audio with no ``encoding`` (a browser's
+MediaRecorder WebM/Opus, Ogg/Opus, FLAC, MP3, ...; ``encoding=opus`` / ``ogg-opus`` / ``flac``
+too), decoded as it arrives by FFmpeg (:class:`~streamd.audio.ContainerStream`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -35,8 +39,18 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
+from .audio import SAMPLE_RATE, AudioError, ContainerStream
 from .hub import Outbox, Source, control_message
-from .protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError
+from .protocol import (
+    MAX_CHANNELS,
+    MAX_RATE,
+    MIN_RATE,
+    POLICY_VIOLATION,
+    SOURCE_ID,
+    AudioDecoder,
+    AudioFormat,
+    ProtocolError,
+)
 from .sender import WebsocketTransport
 
 if TYPE_CHECKING:
@@ -46,6 +60,7 @@ __all__ = ["PATH", "ListenError", "ListenOptions", "ListenRenderer", "Received",
 
 PATH = "/v1/listen"
 ENCODINGS = {"linear16": "pcm_s16le", "linear32": "pcm_f32le", "mulaw": "mulaw", "alaw": "alaw"}
+CONTAINED = ("opus", "ogg-opus", "flac")  # encodings that come in a container FFmpeg finds by itself
 LANGUAGES = ("en", "en-US", "en-GB", "en-AU", "en-IN", "en-NZ")  # English, as tiny.en hears it
 
 
@@ -58,7 +73,7 @@ class ListenError(Exception):
 
 @dataclass(frozen=True)
 class ListenOptions:
-    audio: AudioFormat
+    audio: AudioFormat | None  # None: containerized audio (WebM, Ogg, ...), its format in the data
     model: str = "streamd"
     interim_results: bool = False
     endpointing: bool = True
@@ -84,13 +99,13 @@ def parse_query(query: str, default_model: str = "streamd") -> ListenOptions:
         return int(value)
 
     encoding = q.get("encoding")
-    if encoding is None:
-        raise ListenError("encoding is required: this server takes raw audio (encoding=linear16 and sample_rate); "
-                          "containers (webm, ogg, wav) are not supported on the live API")  # fmt: skip
-    if encoding not in ENCODINGS:
-        raise ListenError(f"encoding {encoding!r} is not supported: use one of {', '.join(ENCODINGS)}")
-    rate = integer("sample_rate", 8000 if encoding in ("mulaw", "alaw") else 16000, MIN_RATE, MAX_RATE)
-    channels = integer("channels", 1, 1, MAX_CHANNELS)
+    if encoding is not None and encoding not in ENCODINGS and encoding not in CONTAINED:
+        raise ListenError(f"encoding {encoding!r} is not supported: use one of {', '.join([*ENCODINGS, *CONTAINED])}, "
+                          "or none for containerized audio (WebM, Ogg, WAV, MP3)")  # fmt: skip
+    audio = None
+    if encoding in ENCODINGS:
+        rate = integer("sample_rate", 8000 if encoding in ("mulaw", "alaw") else 16000, MIN_RATE, MAX_RATE)
+        audio = AudioFormat(ENCODINGS[encoding], rate, integer("channels", 1, 1, MAX_CHANNELS))
     if boolean("multichannel", False):
         raise ListenError("multichannel=true is not supported: channels are mixed to one transcript")
     language = q.get("language", "en")
@@ -107,7 +122,7 @@ def parse_query(query: str, default_model: str = "streamd") -> ListenOptions:
     if source is not None and not SOURCE_ID.match(source):
         raise ListenError(f"bad source {source!r}: 1-64 letters, digits and . _ : -, starting with a letter or digit")
     return ListenOptions(
-        AudioFormat(ENCODINGS[encoding], rate, channels), q.get("model", default_model),
+        audio, q.get("model", default_model),
         boolean("interim_results", False), endpointing, utterance_end, boolean("vad_events", False), source,
     )  # fmt: skip
 
@@ -124,12 +139,15 @@ def refusal(path: str, query: str) -> tuple[HTTPStatus, str] | None:
 
 
 class Received:
-    """The audio a connection sent, for ``Metadata``: its SHA-256 and its length."""
+    """The audio a connection sent, for ``Metadata``: its SHA-256 and its length (of raw audio,
+    from the byte count; of a container, what was decoded from it)."""
 
-    def __init__(self, audio: AudioFormat) -> None:
+    def __init__(self, audio: AudioFormat | None) -> None:
         self.audio = audio
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self.decoded_s = 0.0
+        self.channels = audio.channels if audio is not None else 1
 
     def add(self, frame: bytes) -> None:
         self.sha256.update(frame)
@@ -137,6 +155,8 @@ class Received:
 
     @property
     def seconds(self) -> float:
+        if self.audio is None:
+            return self.decoded_s
         return self.bytes / self.audio.frame_bytes / self.audio.sample_rate
 
 
@@ -197,7 +217,7 @@ class ListenRenderer:
         if kind == "end":
             return [{"type": "Metadata", "transaction_key": "deprecated", "request_id": self.request_id,
                      "sha256": self.received.sha256.hexdigest(), "created": _now(),
-                     "duration": round(self.received.seconds, 3), "channels": self.received.audio.channels,
+                     "duration": round(self.received.seconds, 3), "channels": self.received.channels,
                      "models": [self.model_uuid],
                      "model_info": {self.model_uuid: self._model_info()}}]  # fmt: skip
         return []
@@ -228,36 +248,36 @@ async def serve(daemon: Daemon, ws: ServerConnection) -> None:
     renderer = ListenRenderer(options, received)
 
     async def read(source: Source, outbox: Outbox) -> ProtocolError | None:
-        decoder = AudioDecoder(options.audio, daemon.config.max_frame_bytes, carry=True)
-        with contextlib.suppress(ConnectionClosed):
-            async for frame in ws:
-                if isinstance(frame, bytes):
-                    if not frame:  # Deepgram's older way to say CloseStream
+        audio = _RawAudio(daemon, source, options.audio) if options.audio else _ContainedAudio(daemon, source, received)
+        try:
+            with contextlib.suppress(ConnectionClosed):
+                async for frame in ws:
+                    if isinstance(frame, bytes):
+                        if not frame:  # Deepgram's older way to say CloseStream
+                            break
+                        received.add(frame)
+                        await audio.write(frame)
+                        continue
+                    kind = _control(frame)
+                    if kind == "CloseStream":
                         break
-                    received.add(frame)
-                    try:
-                        samples, _ = decoder.decode(frame)
-                    except ProtocolError as fatal:
-                        daemon.metrics.errors.labels(fatal.code).inc()
-                        source.error(fatal)
-                        return fatal
-                    await daemon.feed(source, samples)
-                    continue
-                kind = _control(frame)
-                if kind == "CloseStream":
-                    break
-                if kind == "Finalize":
-                    await daemon.feed(source, decoder.flush())
-                    decoder = AudioDecoder(options.audio, daemon.config.max_frame_bytes, carry=True)
-                    outbox.put(control_message("finalize"))
-                    await daemon.cut(source)
-                    outbox.put(control_message("finalize_done"))
-                elif kind != "KeepAlive":
-                    err = ProtocolError("unknown_message", f"unknown message {kind or frame[:40]!r}: send audio as "
-                                        "binary frames, or KeepAlive, Finalize, CloseStream")  # fmt: skip
-                    daemon.metrics.errors.labels(err.code).inc()
-                    source.error(err)
-        await daemon.feed(source, decoder.flush())
+                    if kind == "Finalize":
+                        await audio.settle()
+                        outbox.put(control_message("finalize"))
+                        await daemon.cut(source)
+                        outbox.put(control_message("finalize_done"))
+                    elif kind != "KeepAlive":
+                        err = ProtocolError("unknown_message", f"unknown message {kind or frame[:40]!r}: send audio "
+                                            "as binary frames, or KeepAlive, Finalize, CloseStream")  # fmt: skip
+                        daemon.metrics.errors.labels(err.code).inc()
+                        source.error(err)
+            await audio.end()
+        except ProtocolError as fatal:
+            daemon.metrics.errors.labels(fatal.code).inc()
+            source.error(fatal)
+            return fatal
+        finally:
+            audio.abort()
         return None
 
     transport = WebsocketTransport(ws, daemon.config.slow_client_grace_s)
@@ -266,6 +286,76 @@ async def serve(daemon: Daemon, ws: ServerConnection) -> None:
         await ws.close(fatal.close_code, str(fatal)[:120])
     else:
         await ws.close(CloseCode.GOING_AWAY if daemon.stopping else CloseCode.NORMAL_CLOSURE)
+
+
+class _RawAudio:
+    """Raw samples in the query's format, decoded frame by frame."""
+
+    def __init__(self, daemon: Daemon, source: Source, fmt: AudioFormat) -> None:
+        self.daemon, self.source, self.format = daemon, source, fmt
+        self.decoder = AudioDecoder(fmt, daemon.config.max_frame_bytes, carry=True)
+
+    async def write(self, frame: bytes) -> None:
+        samples, _ = self.decoder.decode(frame)
+        await self.daemon.feed(self.source, samples)
+
+    async def settle(self) -> None:
+        """Everything sent so far is in the stream (a Finalize)."""
+        await self.daemon.feed(self.source, self.decoder.flush())
+        self.decoder = AudioDecoder(self.format, self.daemon.config.max_frame_bytes, carry=True)
+
+    async def end(self) -> None:
+        await self.daemon.feed(self.source, self.decoder.flush())
+
+    def abort(self) -> None:
+        pass
+
+
+class _ContainedAudio:
+    """A container's bytes, decoded as they arrive by FFmpeg on its own thread; a task feeds what
+    comes out into the stream (and waits for the engine, as a raw stream's reader does)."""
+
+    def __init__(self, daemon: Daemon, source: Source, received: Received) -> None:
+        self.daemon, self.source, self.received = daemon, source, received
+        self.container = ContainerStream()
+        self.pump = asyncio.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        async for samples in self.container.blocks():
+            self.received.decoded_s += len(samples) / SAMPLE_RATE
+            await self.daemon.feed(self.source, samples)
+
+    async def write(self, frame: bytes) -> None:
+        if len(frame) > self.daemon.config.max_frame_bytes:
+            raise ProtocolError("frame_too_large", f"audio frame of {len(frame)} bytes exceeds the limit of "
+                                f"{self.daemon.config.max_frame_bytes} bytes", fatal=True)  # fmt: skip
+        if self.pump.done():
+            await self._check()
+        try:
+            self.container.write(frame)
+        except AudioError as e:
+            raise ProtocolError("bad_audio", str(e), fatal=True) from None
+
+    async def settle(self) -> None:
+        await self.container.settled()
+        if self.pump.done():
+            await self._check()
+
+    async def end(self) -> None:
+        self.container.close()
+        await self._check()
+
+    async def _check(self) -> None:
+        try:
+            await self.pump
+        except AudioError as e:
+            # (1008, as Deepgram closes on audio it cannot decode: "DATA-0000")
+            raise ProtocolError("bad_audio", f"{e}: send containerized audio (WebM, Ogg, WAV, MP3), or raw "
+                                "samples with encoding and sample_rate", True, POLICY_VIOLATION) from None  # fmt: skip
+
+    def abort(self) -> None:
+        self.container.abort()
+        self.pump.cancel()
 
 
 def _control(frame: str) -> str | None:

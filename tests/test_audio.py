@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from streamd.audio import SAMPLE_RATE, AudioError, load_audio, to_mono_16k
+from streamd.audio import SAMPLE_RATE, AudioError, ContainerStream, load_audio, to_mono_16k
 
 FRAME = SAMPLE_RATE // 100  # one 10 ms frame at 16 kHz
 
@@ -211,3 +212,52 @@ def test_unreadable_files_raise_one_line_audio_error(tmp_path: Path, jfk_wav: Pa
     # The same for a str path.
     with pytest.raises(AudioError, match="^" + re.escape(str(path))):
         load_audio(str(path))
+
+
+# --- a container as it arrives (a browser's WebM/Opus over a live websocket) -------------------------
+
+
+WEBM = Path(__file__).parent / "data" / "speech" / "dev_librispeech_1221-135766-0002.webm"
+
+
+async def _stream(data: bytes, piece: int, stop_at: int | None = None):
+    """``data`` into a ContainerStream ``piece`` bytes at a time; the stream and what came out."""
+    stream, out = ContainerStream(), []
+
+    async def take() -> None:
+        async for block in stream.blocks():
+            out.append(block)
+
+    taking = asyncio.create_task(take())
+    for i in range(0, len(data) if stop_at is None else stop_at, piece):
+        stream.write(data[i : i + piece])
+        await asyncio.sleep(0)
+    return stream, out, taking
+
+
+async def test_a_container_written_in_pieces_decodes_as_the_whole_file_does() -> None:
+    stream, out, taking = await _stream(WEBM.read_bytes(), 977)
+    await stream.settled()
+    assert out, "nothing decoded before the end of the stream"
+    stream.close()
+    await taking
+    whole = load_audio(WEBM)
+    np.testing.assert_array_equal(np.concatenate(out), whole)
+    assert stream.samples == len(whole)
+
+
+async def test_a_dropped_client_stops_the_decoding_thread_and_garbage_is_one_error() -> None:
+    data = WEBM.read_bytes()
+    stream, _, taking = await _stream(data, 977, stop_at=len(data) // 2)
+    stream.abort()
+    stream._thread.join(5)
+    assert not stream._thread.is_alive()
+    taking.cancel()
+    stream, _, taking = await _stream(b"not a container at all " * 400, 1000)
+    stream.close()
+    with pytest.raises(AudioError, match="cannot decode audio"):
+        await taking
+    small = ContainerStream(max_pending_bytes=10)
+    with pytest.raises(AudioError, match="waiting to be decoded"):
+        small.write(b"x" * 11)
+    small.abort()

@@ -4,11 +4,12 @@ on real speech; then the sans-I/O query parser and renderer."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from streamd.audio import load_audio
 from streamd.deepgram_listen import ListenError, ListenRenderer, Received, parse_query
@@ -23,6 +24,7 @@ from deepgram.environment import DeepgramClientEnvironment  # noqa: E402
 
 TOKEN = "deepgram-test-token"
 LONG = "dev_librispeech_1221-135766-0001"
+SHORT = "dev_librispeech_1221-135766-0002"  # carried as FLAC, and as MP3, M4A and WebM/Opus made from it
 
 
 def client(d: Daemon, key: str = "unused") -> deepgram.AsyncDeepgramClient:
@@ -105,10 +107,44 @@ async def test_finalize_ends_the_utterance_now_and_the_stream_goes_on(engine, jf
     assert "fellow americans" in text.lower() and "can do for your country" in text.lower()
 
 
+async def test_webm_opus_as_a_browser_records_it_streams_with_no_encoding_and_reads_as_raw_audio(engine):
+    webm = speech_file(SHORT).with_suffix(".webm")  # ffmpeg -c:a libopus (tests/data/README.md)
+    data = webm.read_bytes()
+    audio = load_audio(webm)
+    async with running(engine) as d:
+        async with client(d).listen.v1.connect(model="nova-3", interim_results="true") as conn:
+            # As MediaRecorder(250 ms timeslices) sends it: pieces of the container, paced.
+            step = len(data) * 25 // round(10 * len(audio) / 16000 * 10)
+
+            async def send() -> None:
+                for i in range(0, len(data), step):
+                    await conn.send_media(data[i : i + step])
+                    await asyncio.sleep(0.25 / SPEED)
+                await conn.send_close_stream()
+
+            sending = asyncio.create_task(send())
+            messages = [m async for m in conn]
+            await sending
+        v1 = await v1_text(d.port, pcm16(audio))
+        async with connect(f"ws://127.0.0.1:{d.port}/v1/listen") as ws:  # not audio at all
+            await ws.send(b"\x1aE\xdf\xa3 this is not a WebM file " * 200)
+            await ws.send(json.dumps({"type": "CloseStream"}))
+            broken = []
+            with contextlib.suppress(ConnectionClosed):
+                async for m in ws:
+                    broken.append(json.loads(m))
+            closed = ws.close_code
+    text = " ".join(m.channel.alternatives[0].transcript for m in finals(messages))
+    assert messages[-1].type == "Metadata" and messages[-1].duration == pytest.approx(len(audio) / 16000, abs=0.05)
+    assert wer(speech_file(SHORT), text) <= live_bar(speech_file(SHORT), v1), (text, v1)
+    assert [m["type"] for m in broken][:1] == ["Error"] and "cannot decode" in broken[0]["description"]
+    assert closed == 1008, closed  # as Deepgram closes on data it cannot decode
+
+
 async def test_a_bad_query_is_refused_with_deepgrams_400_and_bad_messages_keep_the_stream(engine, jfk_audio):
     async with running(engine) as d:
         with pytest.raises(ApiError) as refused:
-            async with client(d).listen.v1.connect(model="nova-3", encoding="flac", sample_rate=16000):
+            async with client(d).listen.v1.connect(model="nova-3", encoding="speex", sample_rate=16000):
                 pass
         assert refused.value.status_code == 400
         url = f"ws://127.0.0.1:{d.port}/v1/listen?encoding=linear16&language=fr"
@@ -150,7 +186,9 @@ def test_the_query_takes_deepgrams_names_and_refuses_what_it_cannot_do():
     o = parse_query("encoding=mulaw&sample_rate=8000&interim_results=true&endpointing=false&utterance_end_ms=1500")
     assert (o.audio.encoding, o.audio.sample_rate, o.interim_results, o.endpointing, o.utterance_end_ms) == (
         "mulaw", 8000, True, False, 1500)  # fmt: skip
-    bad_queries = [("", "encoding is required"), ("encoding=opus", "'opus'"), ("encoding=linear16&channels=9",
+    # No encoding (or opus, ogg-opus, flac): a container, its format found in the data, as Deepgram does.
+    assert parse_query("").audio is None and parse_query("encoding=opus&sample_rate=48000").audio is None
+    bad_queries = [("encoding=speex", "'speex'"), ("encoding=linear16&channels=9",
                    "channels"), ("encoding=linear16&utterance_end_ms=500", "utterance_end_ms"),
                    ("encoding=linear16&multichannel=true", "multichannel"),
                    ("encoding=linear16&source=a b", "source")]  # fmt: skip
