@@ -5,11 +5,14 @@ event reader, the renderer and the address rules, without sockets."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import urllib.request
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -288,12 +291,32 @@ def test_off_loopback_the_port_takes_only_the_allowed_networks():
 def test_the_settings_take_the_allowed_clients_as_a_list_and_refuse_an_open_port_without_them(tmp_path):
     import argparse
 
-    from streamd.service import ConfigError, settings
+    from streamd.service import ConfigError
+    from streamd.service import settings as read_settings
 
     path = tmp_path / "streamd.toml"
     path.write_text('wyoming_port = 10300\nwyoming_host = "0.0.0.0"\nwyoming_allow = ["192.168.1.20", "10.0.0.0/8"]\n')
-    values = settings(argparse.Namespace(config=str(path)), environ={})
+    values = read_settings(argparse.Namespace(config=str(path)), environ={})
     assert values["wyoming_allow"] == "192.168.1.20,10.0.0.0/8"
     path.write_text('wyoming_port = 10300\nwyoming_host = "0.0.0.0"\n')
     with pytest.raises(ConfigError, match="set wyoming_allow"):
-        settings(argparse.Namespace(config=str(path)), environ={})
+        read_settings(argparse.Namespace(config=str(path)), environ={})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=300),
+    st.builds(lambda h, rest: json.dumps(h).encode() + b"\n" + rest,
+              st.dictionaries(st.sampled_from(["type", "data", "data_length", "payload_length", "version"]),
+                              st.one_of(st.integers(-5, 10**9), st.text(max_size=8), st.none(),
+                                        st.dictionaries(st.text(max_size=4), st.integers()))),
+              st.binary(max_size=64)),
+))  # fmt: skip
+def test_any_bytes_are_an_event_the_end_or_a_protocol_error_never_a_crash(data):
+    async def read_all() -> None:
+        reader = _reader(data)
+        while await wyoming_asr.read_event(reader, 1024) is not None:
+            pass
+
+    with contextlib.suppress(wyoming_asr.ProtocolError):
+        asyncio.run(read_all())
