@@ -145,7 +145,9 @@ class Stream:
         self._received = 0  # samples fed in all
         self._decoded_until = 0.0  # stream time covered by the last job
         self._region_start: float | None = None
-        self._speech_end: float | None = None  # a closed region still to be finalised
+        # Regions that closed and wait for their closing decode, oldest first: one each, in order,
+        # even when several end before the engine gets to the first (a loaded box).
+        self._speech_ends: list[float] = []
         self._busy = False
         self._segment = 0
         self._committed: list[TimedWord] = []  # committed words still inside the window
@@ -166,17 +168,17 @@ class Stream:
     @property
     def final_pending(self) -> bool:
         """Speech ended and its last words still wait for their final decode."""
-        return self._speech_end is not None
+        return bool(self._speech_ends)
 
     @property
     def speech_end(self) -> float | None:
-        """Stream time where the utterance waiting for its final ended (``None``: none waits)."""
-        return self._speech_end
+        """Stream time where the oldest utterance waiting for its final ended (``None``: none waits)."""
+        return self._speech_ends[0] if self._speech_ends else None
 
     @property
     def idle(self) -> bool:
         """Nothing is decoding or waiting to be finalised (after :meth:`finish`: all done)."""
-        return not self._busy and self._speech_end is None and not self._vad.in_speech
+        return not self._busy and not self._speech_ends and not self._vad.in_speech
 
     @property
     def lag(self) -> float:
@@ -215,13 +217,13 @@ class Stream:
         for region in self._vad.feed(samples):
             if region.end is None:
                 self._region_start = region.start
-                if self._speech_end is None:  # else the last utterance still waits for its final
+                if not self._speech_ends:  # else an earlier utterance still waits for its final
                     self._trim_to(max(self._buffer_start, region.start))
                 events.append(VadChange(True, region.start))
             else:
-                self._speech_end = region.end
+                self._speech_ends.append(region.end)
                 events.append(VadChange(False, region.end))
-        if not self._vad.in_speech and self._speech_end is None:
+        if not self._vad.in_speech and not self._speech_ends:
             # Silence: keep only what a future region's pre-roll may reach back to.
             self._trim_to(max(self._buffer_start, self.time - self.config.vad.lookback_s - 0.1))
         self._settle(events)
@@ -233,7 +235,7 @@ class Stream:
         region = self._vad.flush()
         events: list[Event] = []
         if region is not None:
-            self._speech_end = region.end
+            self._speech_ends.append(region.end)
             events.append(VadChange(False, region.end or self.time))
         self._settle(events)
         return events
@@ -244,7 +246,7 @@ class Stream:
         nothing. No event: the utterance is dropped, not ended."""
         self._vad.flush()
         self._epoch += 1
-        self._speech_end = None
+        self._speech_ends = []
         self._region_start = None
         self._policy.reset()
         self._trim_to(self.time)
@@ -253,8 +255,8 @@ class Stream:
         """A window to decode now, or ``None`` (nothing new, or a job is still running)."""
         if self._busy:
             return None
-        if self._speech_end is not None:  # (not yet committed: _settle ends a committed one)
-            audio = self._buffer[: max(0, round((self._speech_end - self._buffer_start) * SAMPLE_RATE))]
+        if self._speech_ends:  # the oldest first (not yet committed: _settle ends a committed one)
+            audio = self._buffer[: max(0, round((self._speech_ends[0] - self._buffer_start) * SAMPLE_RATE))]
             return self._start(self._job(audio, final=True))
         if not self._vad.in_speech or self._region_start is None:
             return None
@@ -275,8 +277,8 @@ class Stream:
         window_end = job.offset + len(job.audio) / SAMPLE_RATE
         if job.final:
             self._commit(self._policy.flush(fresh), events, closes=True)
-            self._end_utterance(window_end)
-            events.append(UtteranceEnd(window_end))
+            end = self._end_utterance(window_end)
+            events.append(UtteranceEnd(end))
             self._settle(events)  # a later utterance that ended meanwhile, all committed already
             return events
         committed, partial = self._policy.update(fresh)
@@ -316,12 +318,14 @@ class Stream:
         return words
 
     def _settle(self, events: list[Event]) -> None:
-        """End the utterance that waits for its final when its words are all committed already
-        (a decode reached its end before the speech did): no closing decode is needed."""
-        end = self._speech_end
-        if not self._busy and end is not None and end <= max(self._buffer_start, self._committed_until):
-            self._end_utterance(end)
-            events.append(UtteranceEnd(end))
+        """End the utterances that wait for their final when their words are all committed
+        already (a decode reached their end before the speech did): no closing decode is needed."""
+        while (
+            not self._busy
+            and self._speech_ends
+            and (self._speech_ends[0] <= max(self._buffer_start, self._committed_until))
+        ):
+            events.append(UtteranceEnd(self._end_utterance(self._speech_ends[0])))
 
     def _commit(self, words: list[TimedWord], events: list[Event], closes: bool = False) -> None:
         text = "".join(w.word for w in words).strip()
@@ -341,14 +345,15 @@ class Stream:
         self._committed_until = max(self._committed_until, words[-1].end)
         self._segment += 1
 
-    def _end_utterance(self, end: float) -> None:
-        if self._speech_end is not None and self._speech_end <= end + 1e-6:
-            self._speech_end = None
-        # else a later utterance also ended while this one was decoding: it is still pending
-        if not self._vad.in_speech and self._speech_end is None:
+    def _end_utterance(self, window_end: float) -> float:
+        """The oldest waiting utterance is done (its closing decode covered it up to
+        ``window_end``); where it ended. Later ones that ended meanwhile still wait."""
+        end = self._speech_ends.pop(0) if self._speech_ends else window_end
+        if not self._vad.in_speech and not self._speech_ends:
             self._region_start = None
         self._policy.reset()
         self._trim_to(end)
+        return end
 
     def _job(self, audio: np.ndarray, final: bool) -> Job:
         prefix = "".join(w.word for w in self._committed)

@@ -57,14 +57,17 @@ async def events_until(conn, done, timeout: float = 60.0) -> list:
             return out
 
 
-async def until_all_completed(conn, sending: asyncio.Task) -> list:
-    """Server events until the audio is sent and every utterance begun is completed."""
+async def until_all_completed(conn, sending: asyncio.Task, timeout_s: float = 60.0) -> list:
+    """Server events until the audio is sent and every utterance begun is completed (or a
+    failure that lists them, after ``timeout_s``: an item never completed must not hang CI)."""
     events: list = []
+    deadline = asyncio.get_running_loop().time() + timeout_s
 
     def started() -> int:
         return sum(e.type == "input_audio_buffer.speech_started" for e in events)
 
     while not (sending.done() and started() and len(completed(events)) == started()):
+        assert asyncio.get_running_loop().time() < deadline, [e.type for e in events]
         with contextlib.suppress(TimeoutError):
             events.append(await asyncio.wait_for(conn.recv(), 0.5))
     await sending

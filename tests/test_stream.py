@@ -215,9 +215,13 @@ def test_an_utterance_that_ends_while_the_previous_one_decodes_is_not_lost(jfk):
     ends = [e.t for e in stream.feed(audio[i:]) if isinstance(e, VadChange) and not e.speech]
     assert ends and ends[-1] > first_end + 2.0  # the second sentence came and went meanwhile
     stream.on_result(job, [TimedWord(" For", first_end - 0.5, first_end - 0.2, 0.9)])
-    after = stream.next_job()
-    assert after is not None and after.final, "the second sentence was dropped"
-    assert after.offset <= ends[-1] - 2.0 and after.offset + len(after.audio) / 16000 >= ends[-1] - 0.01
+    covered = []  # the closing decodes that follow, one per region that ended meanwhile
+    while (after := stream.next_job()) is not None:
+        assert after.final
+        covered.append((after.offset, after.offset + len(after.audio) / 16000))
+        stream.on_result(after, [])
+    assert covered, "the second sentence was dropped"
+    assert covered[0][0] <= ends[-1] - 2.0 and covered[-1][1] >= ends[-1] - 0.01
 
 
 def test_sample_buffer_appends_drops_and_never_rewrites_a_view_it_handed_out():
@@ -271,3 +275,28 @@ def test_a_phrase_repeated_with_no_audio_of_its_own_is_dropped_but_a_real_repeat
     said_twice = [*phrase, *[(t, a + 2.0, b + 2.0) for t, a, b in phrase]]
     events = Stream().on_result(job, timed(said_twice))
     assert [e.text for e in events if isinstance(e, Final)] == ["what your country can what your country can"]
+
+
+def test_utterances_that_all_end_before_the_engine_gets_to_them_each_end_once_in_order(jfk):
+    """An engine far behind (a loaded box): every region of JFK starts and ends before any job
+    runs. Each still gets its own closing decode, its words and its ``UtteranceEnd``, in order;
+    one closing decode for them all would hand an adapter one item's text for several (a
+    Realtime item would never complete)."""
+    audio = np.concatenate([load_audio(jfk), np.zeros(16000, np.float32)])
+    stream = Stream()
+    events = []
+    for i in range(0, len(audio), 1600):
+        events += stream.feed(audio[i : i + 1600])
+    stops = [e.t for e in events if isinstance(e, VadChange) and not e.speech]
+    assert len(stops) >= 2, "JFK should be more than one region"
+    while (job := stream.next_job()) is not None:
+        assert job.final
+        end = job.offset + len(job.audio) / 16000
+        events += stream.on_result(job, [TimedWord(" word", end - 0.3, end - 0.1, 0.9)])
+    ends = [e.t for e in events if isinstance(e, UtteranceEnd)]
+    assert ends == pytest.approx(stops, abs=0.01) and stream.idle
+    finals = [e for e in events if isinstance(e, Final)]
+    assert len(finals) == len(stops) and all(f.closes for f in finals)
+    # Each final lies inside its own region: before its end, after the previous one's.
+    for previous, end, final in zip([0.0, *stops], stops, finals, strict=False):
+        assert previous - 0.01 <= final.start <= final.end <= end + 0.01
