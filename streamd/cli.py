@@ -61,6 +61,14 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Serve live transcripts: ws /v1/stream, ws /v1/captions?source=ID, GET / /healthz /metrics.",
     )
     add_serve_args(s)
+    d = sub.add_parser(
+        "drain",
+        help="tell the running daemon to finish its live streams, take no new ones, then stop",
+        description="POST /v1/drain to the daemon the settings name (host, port, token_file): its /healthz "
+        "answers 503 draining, so a proxy sends new sources elsewhere; it stops once its streams end.",
+    )
+    d.add_argument("--config", metavar="FILE", help="TOML file of settings (default: $STREAMD_CONFIG)")
+    d.add_argument("--timeout-s", type=float, default=None, metavar="S", help="stop after this long anyway (300)")
     c = sub.add_parser("config", help="configuration tools", description="Configuration tools.")
     csub = c.add_subparsers(dest="action", required=True)
     check = csub.add_parser("check", help="validate settings and print the effective configuration")
@@ -170,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "transcribe":
             return _transcribe(args)
+        if args.command == "drain":
+            from .service import drain_main
+
+            return drain_main(args)
         if args.command == "config":
             from .service import check_main
 

@@ -18,7 +18,7 @@ Endpointing is our VAD's (its silence rule holds whatever ``endpointing`` says, 
 ``smart_format`` change nothing. Raw audio (``linear16``, ``linear32``, ``mulaw``, ``alaw``, at
 ``sample_rate``), or, as Deepgram takes it, containerized audio with no ``encoding`` (a browser's
 MediaRecorder WebM/Opus, Ogg/Opus, FLAC, MP3, ...; ``encoding=opus`` / ``ogg-opus`` / ``flac``
-too), decoded as it arrives by FFmpeg (:class:`~streamd.audio.ContainerStream`).
+too), decoded as it arrives by FFmpeg (:class:`~streamd.container.ContainerStream`).
 """
 
 from __future__ import annotations
@@ -39,7 +39,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
-from .audio import SAMPLE_RATE, AudioError, ContainerStream
+from .audio import SAMPLE_RATE, AudioError
+from .container import ContainerStream
 from .hub import Outbox, Source, control_message
 from .protocol import (
     MAX_CHANNELS,

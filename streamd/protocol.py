@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from urllib.parse import parse_qs
 
 import numpy as np
 import soxr
@@ -26,9 +28,11 @@ __all__ = [
     "ProtocolError",
     "Resume",
     "Start",
+    "bad_query_source",
     "event_message",
     "parse_control",
     "parse_start",
+    "with_query_source",
 ]
 
 PROTOCOL_VERSION = 1
@@ -200,6 +204,26 @@ def _type_of(msg: object) -> str:
     if isinstance(msg, dict):
         return f"type {msg.get('type')!r}" if "type" in msg else "an object without a type"
     return f"a JSON {type(msg).__name__}"
+
+
+def bad_query_source(path: str, query: str) -> tuple[HTTPStatus, str] | None:
+    """``/v1/stream?source=`` with an id that is not one: the handshake's 400, or ``None``."""
+    source = parse_qs(query).get("source", [None])[0]
+    if path != "/v1/stream" or source is None or SOURCE_ID.match(source):
+        return None
+    err = _bad_start(f"bad source {source!r}: 1-64 letters, digits and . _ : -, starting with a letter or digit")
+    return HTTPStatus.BAD_REQUEST, json.dumps(err.message())
+
+
+def with_query_source(start: Start, query: str) -> Start:
+    """``/v1/stream?source=ID`` names the source before the first frame (a proxy routes by it);
+    the start message may name it too, but not another."""
+    source = parse_qs(query).get("source", [None])[0]
+    if source is None:
+        return start
+    if start.source is not None and start.source != source:
+        raise _bad_start(f"the start message names source {start.source!r}, the URL {source!r}")
+    return replace(start, source=source)
 
 
 class AudioDecoder:

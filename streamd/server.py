@@ -37,16 +37,26 @@ from websockets.http11 import Response as WsResponse
 
 from whisper_engine.engine import Engine
 
-from . import deepgram_listen, openai_realtime, wyoming_asr
+from . import deepgram_listen, openai_realtime, tcp_ingest, wyoming_asr
 from .audio import SAMPLE_RATE
 from .auth import AccessPolicy, is_loopback_address
 from .files import FileQueue
 from .http import HttpLimits, HttpSide
 from .hub import Hub, Outbox, Source
 from .metrics import Metrics
-from .protocol import SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, parse_control, parse_start
+from .protocol import (
+    SOURCE_ID,
+    TRY_AGAIN_LATER,
+    AudioDecoder,
+    AudioFormat,
+    ProtocolError,
+    bad_query_source,
+    parse_control,
+    parse_start,
+    with_query_source,
+)
 from .scheduler import Scheduler
-from .sender import RenderingTransport, TcpTransport, Transport, WebsocketTransport, error_message, start_sender
+from .sender import RenderingTransport, Transport, WebsocketTransport, error_message, start_sender
 from .sessions import DetachedSessions
 from .status import Status
 from .store import PURGE_EVERY_S, TranscriptStore
@@ -57,7 +67,8 @@ __all__ = ["Daemon", "ServerConfig"]
 
 log = logging.getLogger(__name__)
 
-CHUNK = 1600  # 100 ms: how files and TCP audio are fed
+CHUNK = 1600  # 100 ms: how a file source is fed
+DRAIN_REQUEST_S = 300.0  # ``streamd drain`` without --timeout-s: long enough for a meeting to wind up
 
 
 @dataclass(frozen=True)
@@ -79,6 +90,7 @@ class ServerConfig:
     max_buffer_s: float = 28.0  # a stream's window past which ingest waits for the engine
     slow_client_grace_s: float = 5.0  # to deliver the slow_client error before the socket is dropped
     shutdown_timeout_s: float = 30.0  # to finalise every stream on SIGTERM
+    drain_s: float = 0.0  # on SIGTERM, wait this long for live streams to end first (behind a proxy)
     token: str | None = None  # when set, every request must carry it (Bearer header or ?token=)
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed besides the page's own
     tls_cert: str | None = None
@@ -105,6 +117,8 @@ class ServerConfig:
             raise ValueError(f"retention_days must be 0 (keep nothing) or more, got {self.retention_days}")
         if self.resume_s < 0:
             raise ValueError(f"resume_s must be 0 (off) or more, got {self.resume_s}")
+        if self.drain_s < 0:
+            raise ValueError(f"drain_s must be 0 (no drain) or more, got {self.drain_s}")
         if self.wyoming_port is not None and not 0 <= self.wyoming_port <= 65535:
             raise ValueError(f"wyoming_port must be 0..65535, got {self.wyoming_port}")
         wyoming_asr.parse_networks(self.wyoming_allow)  # a bad network is an error now, not at a connection
@@ -148,7 +162,10 @@ class Daemon:
             live_idle=lambda: not self.hub.sources,
         )  # fmt: skip
         self.metrics.watch_files(self.files)
-        self.web = WebApi(self.access, self.status, self.metrics, self.hub, self.files, engine.model_name)
+        self.drain_requested = asyncio.Event()  # ``POST /v1/drain`` (``streamd drain``); the service stops after
+        self.drain_timeout_s = DRAIN_REQUEST_S  # how long that drain may take (the request may say)
+        self.web = WebApi(self.access, self.status, self.metrics, self.hub, self.files, engine.model_name,
+                          on_drain=self.request_drain)  # fmt: skip
         self.http = HttpSide(self.web.handle, HttpLimits(max_body_bytes=c.max_upload_bytes))
         self._purger: asyncio.Task | None = None
 
@@ -185,9 +202,9 @@ class Daemon:
             compression=None,
         )
         if len(listen) > 1:
-            self._tcp = await asyncio.start_server(self._tcp_client, sock=listen[1])
+            self._tcp = await asyncio.start_server(lambda r, w: tcp_ingest.serve(self, r, w), sock=listen[1])
         elif c.tcp_port is not None:
-            self._tcp = await asyncio.start_server(self._tcp_client, c.host, c.tcp_port)
+            self._tcp = await asyncio.start_server(lambda r, w: tcp_ingest.serve(self, r, w), c.host, c.tcp_port)
         if c.wyoming_port is not None:
             self._wyoming = await asyncio.start_server(
                 lambda r, w: wyoming_asr.serve(self, r, w), c.wyoming_host, c.wyoming_port,
@@ -215,6 +232,33 @@ class Daemon:
     @property
     def stopping(self) -> bool:
         return self.status.stopping
+
+    @property
+    def draining(self) -> bool:
+        return self.status.draining
+
+    def request_drain(self, timeout_s: float | None = None) -> None:
+        """From now on no new sources; the service then waits for the live ones, at most
+        ``timeout_s`` (``streamd drain``)."""
+        if timeout_s is not None:
+            self.drain_timeout_s = timeout_s
+        if not self.draining:
+            self.status.draining = True
+            log.info("draining: %d stream(s) may finish; no new ones", len(self.hub.sources))
+        self.drain_requested.set()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Take no new sources (``/healthz`` answers 503 ``draining``, so a proxy sends them to
+        another node) and wait, at most ``timeout_s``, until every live session has ended: its
+        client stopped, or it went and was not resumed. :meth:`shutdown` finalises what is left."""
+        if self.stopping:
+            return
+        self.request_drain()
+        deadline = time.monotonic() + timeout_s
+        while self.hub.sources and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.hub.sources:
+            log.info("drain time is up (%g s): finalising %s", timeout_s, ", ".join(self.hub.sources))
 
     @property
     def port(self) -> int:
@@ -299,7 +343,8 @@ class Daemon:
             return response
         if url.path not in WEBSOCKET_PATHS:
             return connection.respond(HTTPStatus.NOT_FOUND, f"no websocket at {url.path}: see /v1/stream\n")
-        bad_query = deepgram_listen.refusal(url.path, url.query) or openai_realtime.refusal(url.path, url.query)
+        bad_query = (deepgram_listen.refusal(url.path, url.query) or openai_realtime.refusal(url.path, url.query)
+                     or bad_query_source(url.path, url.query))  # fmt: skip
         if bad_query is not None:
             response = connection.respond(*bad_query)
             response.headers["Content-Type"] = "application/json"
@@ -328,6 +373,7 @@ class Daemon:
         sender = self._sender(ws, outbox)
         try:
             start = parse_start(await asyncio.wait_for(ws.recv(), self.config.start_timeout_s))
+            start = with_query_source(start, urlsplit(ws.request.path).query)
             if start.resume is not None:
                 source, waiter = self.detached.resume(start, self.stopping)
             else:
@@ -363,8 +409,11 @@ class Daemon:
             await ws.close(CloseCode.GOING_AWAY if self.stopping else CloseCode.NORMAL_CLOSURE)
 
     def open_source(self, source_id: str | None, kind: str) -> Source:
-        """A new live source (or a ``too_many_streams`` error), for which the oldest detached
-        session makes room if the sessions would outnumber ``max_streams``."""
+        """A new live source (or a ``too_many_streams`` / ``draining`` error), for which the oldest
+        detached session makes room if the sessions would outnumber ``max_streams``."""
+        if self.draining:
+            raise ProtocolError("draining", "this node is draining: connect again and the proxy picks another",
+                                fatal=True, close_code=TRY_AGAIN_LATER)  # fmt: skip
         source = self.hub.open(source_id, kind)
         self.detached.make_room(self.hub.live_count)
         return source
@@ -532,33 +581,6 @@ class Daemon:
         if source.stream.vad_rejected > rejected:
             self.metrics.vad_rejected.inc(source.stream.vad_rejected - rejected)
         self.metrics.audio_seconds.labels(source.kind).inc(len(samples) / SAMPLE_RATE)
-
-    async def _tcp_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        """Raw ingest: s16le 16 kHz mono in, the same messages as newline-delimited JSON out."""
-        outbox = Outbox(self.config.max_queue)
-        sender = start_sender(outbox, TcpTransport(writer), self.metrics.slow_clients.inc)
-        try:
-            source = self.open_source(None, "tcp")
-        except ProtocolError as err:
-            outbox.put(error_message(err))
-            source = None
-        if source is not None:
-            source.owner = outbox
-            outbox.put(source.ready_message)
-            await self.run_source(source, self._read_tcp(reader, source))
-        outbox.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sender
-        with contextlib.suppress(ConnectionError):
-            writer.close()
-            await writer.wait_closed()
-
-    async def _read_tcp(self, reader: asyncio.StreamReader, source: Source) -> None:
-        decoder = AudioDecoder(AudioFormat(), carry=True)
-        with contextlib.suppress(ConnectionError):
-            while chunk := await reader.read(2 * CHUNK):
-                samples, _ = decoder.decode(chunk)
-                await self.feed(source, samples)
 
     async def serve_live(
         self,

@@ -93,6 +93,11 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
         ServerConfig.resume_s,
         "a dropped stream client may resume its session within this many seconds (0: off)",
     ),
+    "drain_s": (
+        float,
+        ServerConfig.drain_s,
+        "on SIGTERM, let live streams finish for up to this long first, taking no new ones (behind a proxy)",
+    ),
     "max_detached": (
         int,
         ServerConfig.max_detached,
@@ -259,6 +264,37 @@ def check_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def drain_main(args: argparse.Namespace) -> int:
+    """``streamd drain``: ask the daemon on this machine to drain (``POST /v1/drain``)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        values = settings(argparse.Namespace(config=args.config))
+    except ConfigError as e:
+        print(f"streamd: {e}", file=sys.stderr)
+        return 2
+    host = str(values["host"])
+    host = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host
+    scheme = "https" if values["tls_cert"] else "http"
+    url = f"{scheme}://{host}:{values['port']}/v1/drain"
+    if args.timeout_s is not None:
+        url += f"?timeout_s={args.timeout_s:g}"
+    request = urllib.request.Request(url, method="POST")
+    if values["token_file"]:
+        token = token_path(values["token_file"]).read_text(encoding="utf-8").strip()
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            print(f"streamd: {url}: {json.load(response)['status']}")
+            return 0
+    except urllib.error.HTTPError as e:
+        print(f"streamd: {url}: {e.code} {e.read().decode(errors='replace').strip()}", file=sys.stderr)
+    except (OSError, ValueError) as e:
+        print(f"streamd: {url}: {getattr(e, 'reason', e)}", file=sys.stderr)
+    return 1
+
+
 def vad_config(values: dict[str, object]) -> VadConfig:
     """The VAD settings of every source (and of ``streamd transcribe``)."""
     return VadConfig(
@@ -326,6 +362,16 @@ def serve_main(args: argparse.Namespace) -> int:
     except OSError as e:  # the port is taken, the address does not exist, ...
         print(f"streamd: cannot listen: {e}", file=sys.stderr)
         return 1
+
+
+async def _first(*waits) -> None:
+    """Wait for the first of ``waits`` to finish; cancel the others."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
@@ -437,8 +483,15 @@ async def _serve(engine, values: dict[str, object]) -> int:
         print(f"streamd: serving {engine.model_name} on {where}", file=sys.stderr, flush=True)
         notifier.notify("READY=1", f"STATUS=serving {engine.model_name} on {where}")
         pinger = asyncio.create_task(_watchdog(daemon, notifier)) if notifier.enabled else None
-        await stop.wait()
-        log.info("signal received")
+        await _first(stop.wait(), daemon.drain_requested.wait())
+        drain_s = daemon.drain_timeout_s if daemon.drain_requested.is_set() else float(values["drain_s"])
+        log.info("drain requested" if daemon.drain_requested.is_set() else "signal received")
+        if drain_s > 0:
+            notifier.notify(f"STATUS=draining {len(daemon.hub.sources)} stream(s), for up to {drain_s:g} s")
+            now = asyncio.Event()  # a second signal: stop draining, stop now
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, now.set)
+            await _first(daemon.drain(drain_s), now.wait())
     finally:
         notifier.notify("STOPPING=1", f"STATUS=finalising {len(daemon.hub.sources)} stream(s)")
         await daemon.shutdown()

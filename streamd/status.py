@@ -24,6 +24,7 @@ class Status:
         self.detached = detached
         self.started = time.monotonic()  # for the uptime
         self.stopping = False
+        self.draining = False  # told to stop: live streams may finish, no new ones (a proxy's cue)
 
     @property
     def devices(self) -> dict[str, str]:
@@ -51,7 +52,7 @@ class Status:
         lags = [s.lag for s in self.hub.sources.values()]
         memory = self.device_memory()
         return {
-            "status": "stopping" if self.stopping else "ok",
+            "status": "stopping" if self.stopping else "draining" if self.draining else "ok",
             "model": self.engine.model_name,
             "devices": self.devices,
             "uptime_s": round(time.monotonic() - self.started, 1),

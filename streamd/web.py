@@ -17,7 +17,7 @@ from http import HTTPStatus
 from importlib import resources
 from urllib.parse import unquote
 
-from .auth import AccessPolicy
+from .auth import AccessPolicy, is_loopback_address
 from .files import FileQueue
 from .formats import TRANSCRIPT_FORMATS, render_sessions
 from .http import Request, Response, text_response
@@ -42,13 +42,14 @@ class WebApi:
     files: FileQueue
     model_name: str
     started: float = field(default_factory=time.time)  # wall clock: the ``created`` of ``/v1/models``
+    on_drain: Callable[[float | None], None] | None = None  # ``POST /v1/drain[?timeout_s=S]``
 
     def __post_init__(self) -> None:
         self.page = _load_page()
         self.get: dict[str, Callable[[Request], Response]] = {
             "/": self._page,
             "/index.html": self._page,
-            "/healthz": lambda r: _json_response(self.status.health()),
+            "/healthz": self._health,
             "/v1/sources": lambda r: _json_response({"sources": self.status.sources()}),
             "/metrics": self._metrics,
             "/v1/models": lambda r: models(self.model_name, int(self.started)),
@@ -68,6 +69,8 @@ class WebApi:
             if request.method != "POST":
                 return _not_allowed("POST", openai=True)
             return await transcriptions(request, self.files, self.model_name)
+        if path == "/v1/drain":
+            return self._drain(request)
         if path in WEBSOCKET_PATHS:
             return text_response(
                 HTTPStatus.UPGRADE_REQUIRED, f"{path} is a websocket: connect with Upgrade: websocket\n",
@@ -83,6 +86,31 @@ class WebApi:
         if request.method not in ("GET", "HEAD"):
             return _not_allowed("GET, HEAD", openai)
         return endpoint(request)
+
+    def _health(self, request: Request) -> Response:
+        """200 while the node takes new streams; 503 once it drains or stops, so that a proxy's
+        health check sends new sources elsewhere (the body says which)."""
+        health = self.status.health()
+        return _json_response(health, 200 if health["status"] == "ok" else 503)
+
+    def _drain(self, request: Request) -> Response:
+        """``streamd drain``: finish the live streams, take no new ones, then stop (as SIGTERM does
+        with ``drain_s``). From this machine only, whatever token a request carries."""
+        if request.method != "POST":
+            return _not_allowed("POST", openai=False)
+        if not is_loopback_address(request.peer):
+            return text_response(HTTPStatus.FORBIDDEN, "drain is for this machine's own streamd command\n")
+        if self.on_drain is None:
+            return text_response(HTTPStatus.NOT_IMPLEMENTED, "this daemon runs without a service to stop\n")
+        timeout = request.arg("timeout_s")
+        try:
+            timeout_s = None if timeout is None else float(timeout)
+        except ValueError:
+            timeout_s = -1.0
+        if timeout_s is not None and not 0 < timeout_s < 86400:
+            return text_response(HTTPStatus.BAD_REQUEST, f"timeout_s must be 0 to 86400 seconds, got {timeout!r}\n")
+        self.on_drain(timeout_s)
+        return _json_response({"status": "draining"}, 202)
 
     def _page(self, request: Request) -> Response:
         if self.page is None:
@@ -125,8 +153,8 @@ def _not_allowed(allow: str, openai: bool) -> Response:
     return response
 
 
-def _json_response(obj: object) -> Response:
-    return Response(200, (json.dumps(obj, indent=1) + "\n").encode(), "application/json")
+def _json_response(obj: object, status: int = 200) -> Response:
+    return Response(status, (json.dumps(obj, indent=1) + "\n").encode(), "application/json")
 
 
 def _load_page() -> bytes | None:

@@ -11,7 +11,8 @@ import pytest
 import soundfile as sf
 from scipy.signal import resample_poly
 
-from streamd.audio import SAMPLE_RATE, AudioError, ContainerStream, load_audio, to_mono_16k
+from streamd.audio import SAMPLE_RATE, AudioError, load_audio, to_mono_16k
+from streamd.container import ContainerStream
 
 FRAME = SAMPLE_RATE // 100  # one 10 ms frame at 16 kHz
 
