@@ -200,3 +200,20 @@ def test_socket_unit_verifies_clean(tmp_path, installed_unit):
         ["systemd-analyze", "verify", str(socket_unit), str(installed_unit)], capture_output=True, text=True
     )
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+
+
+@needs_systemd
+def test_the_two_node_drop_in_verifies_clean_on_the_unit_as_a_template(tmp_path, installed_unit):
+    """deploy/streamd@.service.d/node.conf (nodes behind HAProxy) on the shipped unit copied as
+    ``streamd@.service``, as its comment says to install it."""
+    (tmp_path / "streamd@.service").write_text(installed_unit.read_text())
+    drop_in = tmp_path / "streamd@.service.d"
+    drop_in.mkdir()
+    conf = (ROOT / "deploy" / "streamd@.service.d" / "node.conf").read_text()
+    (drop_in / "node.conf").write_text(conf)
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(tmp_path / "streamd@8765.service")],
+        capture_output=True, text=True, env={**os.environ, "SYSTEMD_UNIT_PATH": f"{tmp_path}:"},
+    )  # fmt: skip
+    assert result.returncode == 0 and not result.stderr.strip(), result.stderr
+    assert "STREAMD_DRAIN_S=" in conf and "TimeoutStopSec=" in conf
