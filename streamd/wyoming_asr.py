@@ -260,9 +260,7 @@ async def serve(daemon: Daemon, reader: asyncio.StreamReader, writer: asyncio.St
     try:
         with contextlib.suppress(ConnectionError):
             if refusal is not None:
-                daemon.metrics.errors.labels(refusal.code).inc()
-                await transport.send(encode(Error(text=str(refusal), code=refusal.code).event()))
-                return
+                return await _refuse(daemon, transport, refusal)
             await _serve_events(daemon, reader, transport)
     finally:
         daemon.wyoming_connections.discard(writer)
@@ -287,11 +285,12 @@ async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport:
     while not daemon.stopping:
         try:
             event, pending = pending or await next_event(), None
-        except ProtocolError as err:
-            daemon.metrics.errors.labels(err.code).inc()
-            with contextlib.suppress(ConnectionError):
-                await transport.send(encode(Error(text=str(err), code=err.code).event()))
-            return
+            if event is not None and Transcribe.is_type(event.type):
+                check_language(event)
+            elif event is not None and (AudioStart.is_type(event.type) or AudioChunk.is_type(event.type)):
+                audio_format(event)  # refused before a source opens: nothing to transcribe
+        except ProtocolError as err:  # the connection cannot go on: say why, close
+            return await _refuse(daemon, transport, err)
         if event is None:
             return
         if Describe.is_type(event.type):
@@ -299,22 +298,10 @@ async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport:
         elif Ping.is_type(event.type):
             await transport.send(encode(Pong(text=Ping.from_event(event).text).event()))
         elif Transcribe.is_type(event.type):
-            try:
-                check_language(event)
-            except ProtocolError as err:
-                daemon.metrics.errors.labels(err.code).inc()
-                await transport.send(encode(Error(text=str(err), code=err.code).event()))
-                return
             language = Transcribe.from_event(event).language or "en"
         elif AudioStop.is_type(event.type):  # a stop with no audio before it: nothing was said
             await transport.send(encode(Transcript(text="", language=language).event()))
         elif AudioStart.is_type(event.type) or AudioChunk.is_type(event.type):
-            try:
-                audio_format(event)  # refused before a source opens: nothing to transcribe
-            except ProtocolError as err:
-                daemon.metrics.errors.labels(err.code).inc()
-                await transport.send(encode(Error(text=str(err), code=err.code).event()))
-                return
             renderer = TranscriptRenderer(info, language)
             session = _Transcription(daemon, event, next_event)
             fatal = await daemon.serve_live("wyoming", None, transport, renderer.render, session.read)
@@ -322,6 +309,13 @@ async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport:
                 return
             pending = session.next
         # Any other event (another program's, or a newer one) is dropped, as the protocol asks.
+
+
+async def _refuse(daemon: Daemon, transport: EventTransport, err: ProtocolError) -> None:
+    """An ``error`` event (counted in ``/metrics``) before the connection closes."""
+    daemon.metrics.errors.labels(err.code).inc()
+    with contextlib.suppress(ConnectionError):
+        await transport.send(encode(Error(text=str(err), code=err.code).event()))
 
 
 class _Transcription:
