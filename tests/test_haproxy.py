@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,8 +77,22 @@ def node_sources(port: int) -> set[str]:
     return {s["id"] for s in answer["sources"]} if answer else set()
 
 
-def start_node(port: int) -> harness.DaemonProcess:
-    return harness.DaemonProcess(["--backend", "cpu", "--port", str(port), "--drain-s", "60"])
+def start_node(port: int, state: Path) -> harness.DaemonProcess:
+    """A node with its own transcript store, as the systemd drop-in gives each (the suite turns
+    stores off by default: ``--retention-days`` turns this one on)."""
+    return harness.DaemonProcess(["--backend", "cpu", "--port", str(port), "--drain-s", "60", "--state-dir",
+                                  str(state / str(port)), "--retention-days", "1"])  # fmt: skip
+
+
+def transcript(port: int, source: str) -> str:
+    """``/v1/sources/ID/transcript`` as text, through the proxy ("" where it is not found)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/sources/{source}/transcript", timeout=5) as r:
+            return r.read().decode()
+    except urllib.error.HTTPError as e:
+        return f"HTTP {e.code}: {e.read().decode(errors='replace')}"
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
 
 
 async def wait_for(check, timeout_s: float = 30.0, what: str = "") -> None:
@@ -165,7 +180,7 @@ async def viewer(url: str, source: str, out: list[str], stop: asyncio.Event) -> 
 async def test_sources_spread_stay_pinned_drain_and_survive_a_killed_node(tmp_path, jfk_audio):
     pcm = harness.pcm16(jfk_audio)
     ports = [free_port(), free_port()]
-    nodes = [start_node(ports[0]), start_node(ports[1])]
+    nodes = [start_node(ports[0], tmp_path), start_node(ports[1], tmp_path)]
     proxy = Proxy(tmp_path, ports)
     try:
         await wait_for(lambda: _get(proxy.port, "/healthz") is not None, what="the proxy")
@@ -188,6 +203,9 @@ async def test_sources_spread_stay_pinned_drain_and_survive_a_killed_node(tmp_pa
         for c in clients:
             assert c.ended and c.finals and seen[c.source] == c.finals, (c.source, c.finals, seen[c.source])
             assert "what you can do for your country" in " ".join(c.finals).lower()
+            # The download reaches the node that stored the source (each node has its own store).
+            text = await asyncio.to_thread(transcript, proxy.port, c.source)
+            assert "your country" in text.lower(), (c.source, text, placed)
 
         # 2. Drain node 1 mid-stream: its streams finish; new sources all go to node 2.
         on_first = sorted(placed[0])
@@ -210,7 +228,7 @@ async def test_sources_spread_stay_pinned_drain_and_survive_a_killed_node(tmp_pa
         assert all(c.ended and not c.errors for c in fresh), [c.errors for c in fresh]
 
         # 3. Node 1 back; kill node 2 mid-stream: its clients reconnect to node 1 and carry on.
-        nodes[0] = start_node(ports[0])
+        nodes[0] = start_node(ports[0], tmp_path)
         await asyncio.sleep(3.5)  # node 1 up again at the proxy (rise 2 x 1 s)
         clients = [Client(proxy.url, s) for s in SOURCES]
         running = [asyncio.create_task(c.run(pcm)) for c in clients]
