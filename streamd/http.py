@@ -37,6 +37,7 @@ class HttpLimits:
     max_head_bytes: int = 16 * 1024
     receive_timeout_s: float = 60.0  # the whole request, head and body
     idle_timeout_s: float = 30.0  # a kept-alive connection with no request in flight
+    max_connections: int = 64  # HTTP connections at once (not yet upgraded); past it: 503 and close
 
 
 @dataclass
@@ -138,10 +139,19 @@ class HttpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if len(self.side.connections) >= self.limits.max_connections:
+            self.lost = True  # (nothing more is read: the answer is the whole exchange)
+            body = b"too many connections\n"
+            transport.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nRetry-After: 1\r\n"
+                            b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
+            transport.close()
+            return
         self.side.connections.add(self)
         self._arm(self.limits.idle_timeout_s)
 
     def data_received(self, data: bytes) -> None:
+        if self.lost:
+            return
         if self.draining is not None:
             self._drain(len(data))
             return

@@ -166,7 +166,8 @@ class Daemon:
         self.drain_timeout_s = DRAIN_REQUEST_S  # how long that drain may take (the request may say)
         self.web = WebApi(self.access, self.status, self.metrics, self.hub, self.files, engine.model_name,
                           on_drain=self.request_drain)  # fmt: skip
-        self.http = HttpSide(self.web.handle, HttpLimits(max_body_bytes=c.max_upload_bytes))
+        self.http = HttpSide(self.web.handle, HttpLimits(max_body_bytes=c.max_upload_bytes,
+                                                         max_connections=c.max_connections))  # fmt: skip
         self._purger: asyncio.Task | None = None
 
     # --- lifecycle -------------------------------------------------------------------------

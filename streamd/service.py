@@ -80,7 +80,11 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
     ),
     "max_frame_bytes": (int, ServerConfig.max_frame_bytes, "largest audio frame accepted"),
     "max_queue": (int, ServerConfig.max_queue, "messages waiting for one client before it is cut off"),
-    "max_connections": (int, ServerConfig.max_connections, "websocket connections at once"),
+    "max_connections": (
+        int,
+        ServerConfig.max_connections,
+        "connections at once, of each kind: HTTP, websocket, Wyoming (past it: 503, or a Wyoming error)",
+    ),
     "max_streams": (int, ServerConfig.max_streams, "audio sources at once"),
     "log_level": (str, "info", "debug, info, warning or error"),
     "ping_interval_s": (

@@ -189,3 +189,17 @@ async def test_a_client_gone_mid_stream_cancels_its_handler(server):
             break
         await asyncio.sleep(0.02)
     assert not server.side.connections
+
+
+async def test_connections_past_the_limit_get_503_and_those_within_it_are_served(server):
+    server.side.limits = HttpLimits(max_connections=2, idle_timeout_s=5)
+    held = [await asyncio.open_connection("127.0.0.1", port(server)) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    refused = await exchange(server, b"GET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused
+    for _, writer in held:  # a slot frees: the next one is served
+        writer.close()
+    await asyncio.sleep(0.05)
+    request = b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi"
+    served = await exchange(server, request)
+    assert served.startswith(b"HTTP/1.1 200") and served.endswith(b"hi")
