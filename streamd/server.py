@@ -153,6 +153,7 @@ class Daemon:
         self._wyoming: asyncio.Server | None = None
         self._announcer: wyoming_asr.WyomingAnnouncer | None = None
         self.wyoming_connections: set[asyncio.StreamWriter] = set()
+        self.wyoming_busy: set[asyncio.Task] = set()  # Wyoming handlers decoding a whole command
         self._readers: dict[Source, asyncio.Task] = {}  # ingest tasks, cancelled on shutdown
         self._sessions: set[asyncio.Task] = set()  # websocket sessions (they outlive connections)
         self._viewers: dict[Outbox, asyncio.Task] = {}  # viewer outboxes and their senders
@@ -307,6 +308,8 @@ class Daemon:
             await asyncio.sleep(0.05)
         if self.hub.sources:
             log.warning("streams not finalised in time: %s", ", ".join(self.hub.sources))
+        if self.wyoming_busy:  # a command's whole decode: its transcript goes out before the close
+            await asyncio.wait(list(self.wyoming_busy), timeout=10)
         for writer in list(self.wyoming_connections):  # idle between transcriptions: nothing to finish
             writer.close()
         for outbox in self._viewers:

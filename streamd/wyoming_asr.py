@@ -11,8 +11,12 @@ spoken:
 - ``transcribe`` (its ``language`` checked), ``audio-start``, ``audio-chunk`` (s16 PCM at any
   rate and channel count), ``audio-stop``: one source per transcription;
 - hub messages → :class:`TranscriptRenderer`: each final (committed words, never revised) →
-  ``transcript-chunk`` after one ``transcript-start``; the end → ``transcript`` (the whole
-  text, for clients that do not stream) and ``transcript-stop``; an error → ``error``.
+  ``transcript-chunk`` after one ``transcript-start``; an error → ``error``;
+- at the end, ``transcript`` and ``transcript-stop``. The ``transcript`` is the whole command
+  decoded once more, as ``streamd transcribe`` would (commands are short: one window): on the
+  20 short dev recordings the live words score 15.9% WER and the whole decode 10.5%, for one
+  decode after the stop (BENCHMARKS.md). Where that cannot run (the daemon is stopping, the
+  command is over 30 s, the file queue is full), it is the chunks joined.
 
 The wire format's own reader (:func:`wyoming.event.async_read_event`) takes any line and any
 length its header names, so a peer could make the daemon allocate what it likes; events are read
@@ -32,8 +36,10 @@ import ipaddress
 import json
 import logging
 import socket
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import numpy as np
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk, TranscriptStart, TranscriptStop
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -42,6 +48,7 @@ from wyoming.info import AsrModel, AsrProgram, Attribution, Describe, Info
 from wyoming.ping import Ping, Pong
 
 from . import __version__
+from .audio import SAMPLE_RATE
 from .hub import Outbox, Source, control_message
 from .protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, AudioDecoder, AudioFormat, ProtocolError
 
@@ -65,6 +72,7 @@ log = logging.getLogger(__name__)
 PORT = 10300  # the Wyoming convention (wyoming-faster-whisper, Home Assistant's add-ons)
 MAX_HEADER_BYTES = 64 * 1024  # one event's JSON line (a few hundred bytes in practice)
 MAX_DATA_BYTES = 64 * 1024  # its JSON data (an info event is the largest, about 1 KB)
+MAX_REDECODE_S = 30.0  # a command up to one encoder window is decoded once more as a whole
 SERVICE_TYPE = "_wyoming._tcp.local."  # what Home Assistant's zeroconf discovery browses for
 
 
@@ -178,6 +186,8 @@ class TranscriptRenderer:
         self.info = info
         self.language = language
         self.text = ""
+        self.hold: Callable[[], bool] = lambda: False  # at the end: keep the transcript for the shell?
+        self.held = False  # it did: the shell sends ``closing(...)`` once its whole decode is done
         self._started = False
 
     def render(self, msg: dict) -> list[bytes]:
@@ -196,9 +206,14 @@ class TranscriptRenderer:
         if kind == "error":
             return [Error(text=msg["message"], code=msg["code"]).event()]
         if kind == "end":
-            return [*self._start(), Transcript(text=self.text, language=self.language).event(),
-                    TranscriptStop().event()]  # fmt: skip
+            if self.hold():
+                self.held = True
+                return self._start()
+            return [*self._start(), *self.closing(self.text)]
         return []
+
+    def closing(self, text: str) -> list[Event]:
+        return [Transcript(text=text, language=self.language).event(), TranscriptStop().event()]
 
     def _start(self) -> list[Event]:
         if self._started:
@@ -302,13 +317,35 @@ async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport:
         elif AudioStop.is_type(event.type):  # a stop with no audio before it: nothing was said
             await transport.send(encode(Transcript(text="", language=language).event()))
         elif AudioStart.is_type(event.type) or AudioChunk.is_type(event.type):
-            renderer = TranscriptRenderer(info, language)
             session = _Transcription(daemon, event, next_event)
+            renderer = TranscriptRenderer(info, language)
+            renderer.hold = lambda s=session, r=renderer: not daemon.stopping and s.audio is not None and bool(r.text)
             fatal = await daemon.serve_live("wyoming", None, transport, renderer.render, session.read)
+            if renderer.held:
+                text = await _whole_text(daemon, session, renderer.text)
+                await transport.send(b"".join(encode(e) for e in renderer.closing(text)))
             if fatal is not None:
                 return
             pending = session.next
         # Any other event (another program's, or a newer one) is dropped, as the protocol asks.
+
+
+async def _whole_text(daemon: Daemon, session: _Transcription, live: str) -> str:
+    """The whole command decoded once more (the file path: VAD spans, one window, greedy), or
+    the live words where that fails."""
+    from whisper_engine.transcribe import TranscribeOptions
+
+    assert session.audio is not None
+    daemon.wyoming_busy.add(asyncio.current_task())
+    try:
+        audio = np.concatenate(session.audio)
+        whole = await daemon.files.transcribe(audio, TranscribeOptions(word_timestamps=False))
+        return whole.text.strip() or live
+    except Exception:  # the queue is full, the engine failed: the live words are the transcript
+        log.warning("wyoming: the whole-command decode failed; sending the live words", exc_info=True)
+        return live
+    finally:
+        daemon.wyoming_busy.discard(asyncio.current_task())
 
 
 async def _refuse(daemon: Daemon, transport: EventTransport, err: ProtocolError) -> None:
@@ -324,6 +361,18 @@ class _Transcription:
     def __init__(self, daemon: Daemon, first: Event, next_event) -> None:
         self.daemon, self.first, self.next_event = daemon, first, next_event
         self.next: Event | None = None  # an ``audio-start`` that begins the next transcription
+        self.audio: list[np.ndarray] | None = []  # the command, 16 kHz mono, for the whole decode
+        self._kept = 0
+
+    async def feed(self, source: Source, samples: np.ndarray) -> None:
+        """Into the stream, and kept for the whole decode (up to ``MAX_REDECODE_S``)."""
+        if self.audio is not None:
+            self._kept += len(samples)
+            if self._kept <= MAX_REDECODE_S * SAMPLE_RATE:
+                self.audio.append(samples)
+            else:
+                self.audio = None  # a long dictation, not a command: its live words are the text
+        await self.daemon.feed(source, samples)
 
     async def read(self, source: Source, outbox: Outbox) -> ProtocolError | None:
         daemon = self.daemon
@@ -335,11 +384,11 @@ class _Transcription:
                     fmt = audio_format(event)
                     if decoder is None or decoder.format != fmt:
                         if decoder is not None:
-                            await daemon.feed(source, decoder.flush())
+                            await self.feed(source, decoder.flush())
                         decoder = AudioDecoder(fmt, daemon.config.max_frame_bytes, carry=True)
                     if AudioChunk.is_type(event.type) and event.payload:
                         samples, _ = decoder.decode(event.payload)
-                        await daemon.feed(source, samples)
+                        await self.feed(source, samples)
                 elif AudioStop.is_type(event.type):
                     break
                 elif Describe.is_type(event.type):
@@ -355,7 +404,7 @@ class _Transcription:
             source.error(fatal)
             return fatal
         if decoder is not None:
-            await daemon.feed(source, decoder.flush())
+            await self.feed(source, decoder.flush())
         return None
 
 
