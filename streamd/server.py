@@ -80,6 +80,7 @@ class ServerConfig:
     wyoming_host: str = "127.0.0.1"  # Wyoming has no auth: off loopback only with wyoming_allow
     wyoming_allow: str = ""  # comma-separated client addresses/networks allowed besides loopback
     wyoming_zeroconf: bool = False  # announce the Wyoming port over mDNS (needs the zeroconf package)
+    wyoming_live_transcript: bool = False  # the transcript: the live words at once, not a whole decode
     max_frame_bytes: int = 1 << 20  # one audio frame (the protocol sends at most 1 s)
     max_queue: int = 256  # messages waiting for one client before it is cut off
     max_connections: int = 64

@@ -44,6 +44,11 @@ OPTIONS: dict[str, tuple[type, object, str]] = {
         "comma-separated addresses or networks that may use the Wyoming port besides loopback",
     ),
     "wyoming_zeroconf": (bool, False, "announce the Wyoming port over mDNS for Home Assistant (pip install zeroconf)"),
+    "wyoming_live_transcript": (
+        bool,
+        False,
+        "Wyoming's transcript: the live words at the stop, at once (default: the command decoded again, better)",
+    ),
     "model": (str, None, "CTranslate2 or Hugging Face Whisper folder (default: bundled tiny.en)"),
     "backend": (str, "auto", "accelerator: auto, cpu, xdna, xdna-all, golden or cuda"),
     "cuda_device": (

@@ -16,7 +16,8 @@ spoken:
   decoded once more, as ``streamd transcribe`` would (commands are short: one window): on the
   20 short dev recordings the live words score 15.9% WER and the whole decode 10.5%, for one
   decode after the stop (BENCHMARKS.md). Where that cannot run (the daemon is stopping, the
-  command is over 30 s, the file queue is full), it is the chunks joined.
+  command is over 30 s, the file queue is full, ``wyoming_live_transcript`` is set), it is the chunks
+  joined.
 
 The wire format's own reader (:func:`wyoming.event.async_read_event`) takes any line and any
 length its header names, so a peer could make the daemon allocate what it likes; events are read
@@ -319,7 +320,9 @@ async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport:
         elif AudioStart.is_type(event.type) or AudioChunk.is_type(event.type):
             session = _Transcription(daemon, event, next_event)
             renderer = TranscriptRenderer(info, language)
-            renderer.hold = lambda s=session, r=renderer: not daemon.stopping and s.audio is not None and bool(r.text)
+            renderer.hold = lambda s=session, r=renderer: (
+                not c.wyoming_live_transcript and not daemon.stopping and s.audio is not None and bool(r.text)
+            )
             fatal = await daemon.serve_live("wyoming", None, transport, renderer.render, session.read)
             if renderer.held:
                 text = await _whole_text(daemon, session, renderer.text)

@@ -128,6 +128,17 @@ async def test_a_command_at_44_1_khz_stereo_reads_as_at_16_khz_and_a_connection_
     assert Pong.is_type(pong.type) and Pong.from_event(pong).text == "still there"
 
 
+async def test_with_live_transcript_set_the_transcript_is_the_live_words_at_once(engine):
+    path = speech_file(COMMAND)
+    async with (
+        running(engine, wyoming_port=0, wyoming_live_transcript=True) as d,
+        AsyncTcpClient("127.0.0.1", d.wyoming_port) as client,
+    ):
+        events, _ = await transcribe(client, pcm16(load_audio(path)))
+    final, chunks = text_of(events)
+    assert final == chunks and wer(path, final) <= 0.15, final
+
+
 async def test_music_and_a_stop_with_no_audio_give_an_empty_transcript_and_no_words(engine):
     music = load_audio(DATA / "music_acoustic_guitar.flac")
     async with running(engine, wyoming_port=0) as d, AsyncTcpClient("127.0.0.1", d.wyoming_port) as client:
