@@ -50,6 +50,7 @@ from wyoming.ping import Ping, Pong
 
 from . import __version__
 from .audio import SAMPLE_RATE
+from .files import QueueFull
 from .hub import Outbox, Source, control_message
 from .protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, AudioDecoder, AudioFormat, ProtocolError
 
@@ -344,7 +345,10 @@ async def _whole_text(daemon: Daemon, session: _Transcription, live: str) -> str
         audio = np.concatenate(session.audio)
         whole = await daemon.files.transcribe(audio, TranscribeOptions(word_timestamps=False))
         return whole.text.strip() or live
-    except Exception:  # the queue is full, the engine failed: the live words are the transcript
+    except QueueFull:  # the file API is busy: the live words are the transcript
+        log.info("wyoming: the file queue is full; sending the live words")
+        return live
+    except Exception:  # the engine failed: the live words are the transcript
         log.warning("wyoming: the whole-command decode failed; sending the live words", exc_info=True)
         return live
     finally:
