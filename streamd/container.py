@@ -62,7 +62,7 @@ class ContainerStream:
                 raise AudioError(f"more than {self.max_pending_bytes} bytes of audio waiting to be decoded")
             self._pending += len(data)
             self._idle = False
-        self._input.put(data)
+            self._input.put(data)  # (under the lock: the thread's idle check sees it or the flag)
 
     def close(self) -> None:
         """No more bytes: what is left is decoded, then :meth:`blocks` ends."""
