@@ -51,6 +51,7 @@ from .protocol import (
     AudioDecoder,
     AudioFormat,
     ProtocolError,
+    bad_source,
 )
 from .sender import WebsocketTransport
 
@@ -121,7 +122,7 @@ def parse_query(query: str, default_model: str = "streamd") -> ListenOptions:
         utterance_end = integer("utterance_end_ms", 1000, 1000, 60000)
     source = q.get("source")
     if source is not None and not SOURCE_ID.match(source):
-        raise ListenError(f"bad source {source!r}: 1-64 letters, digits and . _ : -, starting with a letter or digit")
+        raise ListenError(bad_source(source))
     return ListenOptions(
         audio, q.get("model", default_model),
         boolean("interim_results", False), endpointing, utterance_end, boolean("vad_events", False), source,

@@ -41,7 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .hub import Outbox, Source, control_message
-from .protocol import MAX_RATE, MIN_RATE, SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError
+from .protocol import MAX_RATE, MIN_RATE, SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, bad_source
 from .sender import WebsocketTransport
 
 if TYPE_CHECKING:
@@ -440,7 +440,7 @@ def refusal(path: str, query: str) -> tuple[HTTPStatus, str] | None:
         return None
     source = parse_qs(query).get("source", [None])[0]
     if source is not None and not SOURCE_ID.match(source):
-        message = f"bad source {source!r}: 1-64 letters, digits and . _ : -, starting with a letter or digit"
+        message = bad_source(source)
         return HTTPStatus.BAD_REQUEST, json.dumps(RealtimeError(message, param="source").event())
     return None
 

@@ -29,6 +29,7 @@ __all__ = [
     "Resume",
     "Start",
     "bad_query_source",
+    "bad_source",
     "event_message",
     "parse_control",
     "parse_start",
@@ -141,9 +142,7 @@ def parse_start(frame: str | bytes, languages: tuple[str, ...] = ("en",)) -> Sta
         )
     source = msg.get("source")
     if source is not None and (not isinstance(source, str) or not SOURCE_ID.match(source)):
-        raise _bad_start(
-            f"bad source {source!r}: 1-64 characters of letters, digits and . _ : -, starting with a letter or digit"
-        )
+        raise _bad_start(bad_source(source))
     language = msg.get("language", "en")
     if language not in languages:
         raise _unsupported(
@@ -206,12 +205,17 @@ def _type_of(msg: object) -> str:
     return f"a JSON {type(msg).__name__}"
 
 
+def bad_source(source: object) -> str:
+    """What is wrong with a source id that does not match ``SOURCE_ID``, wherever it came from."""
+    return f"bad source {source!r}: 1-64 letters, digits and . _ : -, starting with a letter or digit"
+
+
 def bad_query_source(path: str, query: str) -> tuple[HTTPStatus, str] | None:
     """``/v1/stream?source=`` with an id that is not one: the handshake's 400, or ``None``."""
     source = parse_qs(query).get("source", [None])[0]
     if path != "/v1/stream" or source is None or SOURCE_ID.match(source):
         return None
-    err = _bad_start(f"bad source {source!r}: 1-64 letters, digits and . _ : -, starting with a letter or digit")
+    err = _bad_start(bad_source(source))
     return HTTPStatus.BAD_REQUEST, json.dumps(err.message())
 
 

@@ -18,7 +18,15 @@ from websockets.exceptions import ConnectionClosed
 from .hub import Message, Outbox
 from .protocol import POLICY_VIOLATION, ProtocolError
 
-__all__ = ["RenderingTransport", "TcpTransport", "Transport", "WebsocketTransport", "error_message", "start_sender"]
+__all__ = [
+    "RenderingTransport",
+    "StreamTransport",
+    "TcpTransport",
+    "Transport",
+    "WebsocketTransport",
+    "error_message",
+    "start_sender",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +59,28 @@ class WebsocketTransport:
             await self.ws.close(POLICY_VIOLATION, "client too slow")
 
 
-class TcpTransport:
+class StreamTransport:
+    """A TCP connection's writer: each frame written as it is (Wyoming's encoded events)."""
+
     gone = (ConnectionError,)
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.peer = str(writer.get_extra_info("peername"))
 
-    async def send(self, text: str) -> None:
-        self.writer.write(text.encode() + b"\n")
+    async def send(self, frame: bytes) -> None:
+        self.writer.write(frame)
         await self.writer.drain()
 
     async def close_slow(self) -> None:
-        """The TCP client's connection is closed by its handler once the sender ends."""
+        """The connection is closed by its handler once the sender ends."""
+
+
+class TcpTransport(StreamTransport):
+    """Raw TCP ingest's replies: each message one line of JSON."""
+
+    async def send(self, text: str) -> None:  # type: ignore[override]
+        await super().send(text.encode() + b"\n")
 
 
 class RenderingTransport:

@@ -262,12 +262,19 @@ def render(values: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
-def check_main(args: argparse.Namespace) -> int:
-    """``streamd config check [FILE]``: validate, print the effective settings; exit 2 if invalid."""
+def _settings_or_say_why(config: str | None) -> dict[str, object] | None:
+    """The settings of ``config`` (and the environment), or ``None`` once the error is printed."""
     try:
-        values = settings(argparse.Namespace(config=args.file))
+        return settings(argparse.Namespace(config=config))
     except ConfigError as e:
         print(f"streamd: {e}", file=sys.stderr)
+        return None
+
+
+def check_main(args: argparse.Namespace) -> int:
+    """``streamd config check [FILE]``: validate, print the effective settings; exit 2 if invalid."""
+    values = _settings_or_say_why(args.file)
+    if values is None:
         return 2
     print(render(values))
     return 0
@@ -278,10 +285,8 @@ def drain_main(args: argparse.Namespace) -> int:
     import urllib.error
     import urllib.request
 
-    try:
-        values = settings(argparse.Namespace(config=args.config))
-    except ConfigError as e:
-        print(f"streamd: {e}", file=sys.stderr)
+    values = _settings_or_say_why(args.config)
+    if values is None:
         return 2
     host = str(values["host"])
     host = "127.0.0.1" if host in ("", "0.0.0.0") else "[::1]" if host == "::" else host

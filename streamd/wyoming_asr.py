@@ -53,6 +53,7 @@ from .audio import SAMPLE_RATE
 from .files import QueueFull
 from .hub import Outbox, Source, control_message
 from .protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, AudioDecoder, AudioFormat, ProtocolError
+from .sender import StreamTransport
 
 if TYPE_CHECKING:
     from .server import Daemon
@@ -224,23 +225,6 @@ class TranscriptRenderer:
         return [TranscriptStart(language=self.language).event()]
 
 
-class EventTransport:
-    """A Wyoming connection's writer as a :class:`~streamd.sender.Transport` of encoded events."""
-
-    gone = (ConnectionError,)
-
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
-        self.writer = writer
-        self.peer = str(writer.get_extra_info("peername"))
-
-    async def send(self, frame: bytes) -> None:
-        self.writer.write(frame)
-        await self.writer.drain()
-
-    async def close_slow(self) -> None:
-        """The connection is closed by its handler once the sender ends."""
-
-
 def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     """``wyoming_allow``: comma-separated addresses or networks (``192.168.1.5, 10.0.0.0/24``)."""
     try:
@@ -265,7 +249,7 @@ async def serve(daemon: Daemon, reader: asyncio.StreamReader, writer: asyncio.St
     ``audio-stop`` a transcription, until the client closes, goes quiet or breaks the format."""
     c = daemon.config
     peer = (writer.get_extra_info("peername") or ("?",))[0]
-    transport = EventTransport(writer)
+    transport = StreamTransport(writer)
     refusal = None
     if not is_allowed(str(peer), c.wyoming_allow):
         log.warning("wyoming: refused %s: not in wyoming_allow", peer)
@@ -286,7 +270,7 @@ async def serve(daemon: Daemon, reader: asyncio.StreamReader, writer: asyncio.St
             await writer.wait_closed()
 
 
-async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport: EventTransport) -> None:
+async def _serve_events(daemon: Daemon, reader: asyncio.StreamReader, transport: StreamTransport) -> None:
     c = daemon.config
     info = info_event(daemon.engine.model_name)
     idle_s = 2 * c.ping_interval_s  # a client silent this long is gone (Wyoming has no keepalive of its own)
@@ -355,7 +339,7 @@ async def _whole_text(daemon: Daemon, session: _Transcription, live: str) -> str
         daemon.wyoming_busy.discard(asyncio.current_task())
 
 
-async def _refuse(daemon: Daemon, transport: EventTransport, err: ProtocolError) -> None:
+async def _refuse(daemon: Daemon, transport: StreamTransport, err: ProtocolError) -> None:
     """An ``error`` event (counted in ``/metrics``) before the connection closes."""
     daemon.metrics.errors.labels(err.code).inc()
     with contextlib.suppress(ConnectionError):
