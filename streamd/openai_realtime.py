@@ -41,7 +41,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import CloseCode
 
 from .hub import Outbox, Source, control_message
-from .protocol import MAX_RATE, MIN_RATE, SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, bad_source
+from .protocol import MAX_RATE, MIN_RATE, SOURCE_ID, AudioDecoder, AudioFormat, ProtocolError, bad_source, in_range
 from .sender import WebsocketTransport
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class RealtimeSettings:
         if not isinstance(fmt, dict) or fmt.get("type") not in FORMATS:
             raise bad(f"format.type must be one of {', '.join(FORMATS)}", param)
         rate = fmt.get("rate", DEFAULT_RATE if fmt["type"] == "audio/pcm" else 8000)
-        if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE:
+        if not in_range(rate, MIN_RATE, MAX_RATE):
             raise bad(f"format.rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}", param)
         return replace(self, format=fmt["type"], rate=rate)
 

@@ -31,6 +31,7 @@ __all__ = [
     "bad_query_source",
     "bad_source",
     "event_message",
+    "in_range",
     "parse_control",
     "parse_start",
     "with_query_source",
@@ -165,6 +166,12 @@ def _parse_resume(resume: object) -> Resume | None:
     return Resume(session, seq)
 
 
+def in_range(value: object, low: int, high: int) -> bool:
+    """An integer (not a bool) from ``low`` to ``high``: a sample rate or a channel count, as
+    every protocol's audio format names them."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def _parse_audio(audio: object) -> AudioFormat:
     if not isinstance(audio, dict):
         raise _bad_start('"audio" must be an object like {"encoding": "pcm_s16le", "sample_rate": 16000, ...}')
@@ -174,11 +181,11 @@ def _parse_audio(audio: object) -> AudioFormat:
             "unsupported_encoding", f"unknown audio encoding {encoding!r}: use one of {', '.join(ENCODINGS)}"
         )
     rate, channels = audio.get("sample_rate", SAMPLE_RATE), audio.get("channels", 1)
-    if not isinstance(rate, int) or isinstance(rate, bool) or not MIN_RATE <= rate <= MAX_RATE:
+    if not in_range(rate, MIN_RATE, MAX_RATE):
         raise _unsupported(
             "unsupported_audio", f"sample_rate must be an integer from {MIN_RATE} to {MAX_RATE} Hz, got {rate!r}"
         )
-    if not isinstance(channels, int) or isinstance(channels, bool) or not 1 <= channels <= MAX_CHANNELS:
+    if not in_range(channels, 1, MAX_CHANNELS):
         raise _unsupported(
             "unsupported_audio", f"channels must be an integer from 1 to {MAX_CHANNELS}, got {channels!r}"
         )

@@ -52,7 +52,7 @@ from . import __version__
 from .audio import SAMPLE_RATE
 from .files import QueueFull
 from .hub import Outbox, Source, control_message
-from .protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, AudioDecoder, AudioFormat, ProtocolError
+from .protocol import MAX_CHANNELS, MAX_RATE, MIN_RATE, AudioDecoder, AudioFormat, ProtocolError, in_range
 from .sender import StreamTransport
 
 if TYPE_CHECKING:
@@ -164,7 +164,7 @@ def audio_format(event: Event) -> AudioFormat:
     """The format an ``audio-start`` or ``audio-chunk`` names, or a fatal error."""
     rate, width, channels = (event.data.get(k) for k in ("rate", "width", "channels"))
     for name, value, low, high in (("rate", rate, MIN_RATE, MAX_RATE), ("channels", channels, 1, MAX_CHANNELS)):
-        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        if not in_range(value, low, high):
             raise ProtocolError("unsupported_audio", f"{name} must be an integer from {low} to {high}, got {value!r}",
                                 fatal=True)  # fmt: skip
     if width != 2:
