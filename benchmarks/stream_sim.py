@@ -20,7 +20,7 @@ from harness import CORPUS, corpus_wer, reference
 
 from streamd.audio import load_audio
 from streamd.jobs import run_job
-from streamd.stream import Final, Partial, Stream, StreamConfig
+from streamd.stream import Final, Partial, Stream, StreamConfig, UtteranceEnd
 from whisper_engine.engine import Engine
 
 CHUNK_S = 0.1
@@ -30,17 +30,26 @@ def simulate(engine: Engine, audio: np.ndarray, config: StreamConfig) -> dict:
     stream = Stream(config)
     chunk = round(CHUNK_S * 16000)
     finals: list[tuple[float, Final]] = []
+    meta: list[dict] = []  # per final: how it was committed (for live_errors.py)
+    utterance_finals = 0  # finals so far in the current utterance
     partials: list[tuple[float, Partial]] = []
     busy_until, pending = 0.0, None  # virtual time when the running job's result lands
     cpu = 0.0
 
     def land(now: float) -> None:
-        nonlocal pending
+        nonlocal pending, utterance_finals
         job, words = pending
         pending = None
+        window_end = job.offset + len(job.audio) / 16000
         for e in stream.on_result(job, words):
+            if isinstance(e, UtteranceEnd):
+                utterance_finals = 0
             if isinstance(e, Final):
                 finals.append((now, e))
+                forced = not e.closes and window_end - job.offset > stream.config.max_window_s
+                kind = "closing decode" if e.closes else "forced" if forced else "agreement"
+                meta.append({"text": e.text, "kind": kind, "lag": window_end - e.end, "first": utterance_finals == 0})
+                utterance_finals += 1
             elif isinstance(e, Partial):
                 partials.append((now, e))
 
@@ -75,6 +84,7 @@ def simulate(engine: Engine, audio: np.ndarray, config: StreamConfig) -> dict:
     partial_lat = [t - p.end for t, p in partials]
     return {
         "text": " ".join(f.text for _, f in finals),
+        "finals": meta,
         "final_latency": final_lat,
         "partial_latency": partial_lat,
         "cpu_per_audio_s": cpu / (len(audio) / 16000),

@@ -32,7 +32,17 @@ ECHO_WORDS = 12
 class StreamConfig:
     update_s: float = 0.5  # new speech needed before the window is decoded again
     first_window_s: float = 1.0  # speech needed before the first decode of a region
-    trim_s: float = 15.0  # past this, the window drops audio before its last committed word
+    trim_s: float = 15.0  # past this, the window drops committed audio older than context_s
+    # Committed words kept in the window as heard context (forced as the prefix), across the
+    # trims above and across pauses of up to context_gap_s between utterances: offline
+    # transcription sees a window of up to 30 s cut only at pauses over 2 s (plan_windows), and
+    # a first decode of 1 s of audio alone turned "Two." into "2. 2." (BENCHMARKS.md, issue 18).
+    context_s: float = 5.0
+    context_gap_s: float = 2.0
+    # An empty hypothesis with this much audio after the last committed word (and, live, after
+    # the region's start): the model ended its text at the context (without timestamps Whisper
+    # stops at a pause after a sentence), so the window drops the context and decodes again.
+    stall_s: float = 1.0
     max_window_s: float = 25.0  # past this, old words are committed without agreement
     force_commit_lag_s: float = 5.0  # ... those ending this long before the window's end
     prompt_chars: int = 200  # committed text that left the window, fed back as the prompt
@@ -152,6 +162,7 @@ class Stream:
         self._segment = 0
         self._committed: list[TimedWord] = []  # committed words still inside the window
         self._committed_until = 0.0
+        self._last_end: float | None = None  # where the last utterance ended (its context may stay)
         self._recent: list[TimedWord] = []  # the last committed words, wherever they are now
         self._prompt_text = ""  # committed text that has left the window
         self._epoch = 0  # clears so far
@@ -218,14 +229,15 @@ class Stream:
             if region.end is None:
                 self._region_start = region.start
                 if not self._speech_ends:  # else an earlier utterance still waits for its final
-                    self._trim_to(max(self._buffer_start, region.start))
+                    self._trim_to(max(self._buffer_start, self._context_cut(region.start)))
                 events.append(VadChange(True, region.start))
             else:
                 self._speech_ends.append(region.end)
                 events.append(VadChange(False, region.end))
         if not self._vad.in_speech and not self._speech_ends:
-            # Silence: keep only what a future region's pre-roll may reach back to.
-            self._trim_to(max(self._buffer_start, self.time - self.config.vad.lookback_s - 0.1))
+            # Silence: keep only what a future region's pre-roll may reach back to, and the last
+            # utterance's context while the pause is short enough for it to count.
+            self._trim_to(min(self._context_cut(self.time), self.time - self.config.vad.lookback_s - 0.1))
         self._settle(events)
         return events
 
@@ -273,8 +285,16 @@ class Stream:
         if job.epoch != self._epoch:  # made before a clear
             self._settle(events)
             return events
-        fresh = self._drop_echo(_drop_unheard_repeats(words))
+        context = [w.key for w in self._committed[-ECHO_WORDS:]]
+        fresh = self._drop_echo(_drop_unheard_tail(_drop_unheard_repeats(words), context))
         window_end = job.offset + len(job.audio) / SAMPLE_RATE
+        if not fresh and job.prefix and self._stalled(job, window_end):
+            # What follows the context is decoded alone: the next job (for a closing decode, the
+            # same one again) starts after the last committed word, whose text becomes the prompt.
+            self._trim_to(self._committed_until)
+            self._policy.reset()
+            self._settle(events)
+            return events
         if job.final:
             self._commit(self._policy.flush(fresh), events, closes=True)
             end = self._end_utterance(window_end)
@@ -294,7 +314,7 @@ class Stream:
             if text:
                 events.append(Partial(self._segment, partial[0].start, partial[-1].end, text))
         if window_end - self._buffer_start > self.config.trim_s and self._committed:
-            self._trim_to(self._committed_until)
+            self._trim_to(self._keep_from(self._committed_until))
         if window_end - self._buffer_start > self.config.max_window_s:
             # Nothing could be committed far enough back (noise the VAD took for speech, or
             # words only at the very end): drop the oldest audio rather than let the window
@@ -316,6 +336,14 @@ class Stream:
             if [w.key for w in words[:n]] == tail[-n:] and words[0].start < self._committed_until + 1.0:
                 return words[n:]
         return words
+
+    def _stalled(self, job: Job, window_end: float) -> bool:
+        """Speech enough after the last committed word for an empty hypothesis to be a stall (the
+        window's last ``hangover_s`` may be the silence that ended the speech)."""
+        since = self._committed_until
+        if not job.final and self._region_start is not None:
+            since = max(since, self._region_start)
+        return window_end - self.config.vad.hangover_s - since >= self.config.stall_s
 
     def _settle(self, events: list[Event]) -> None:
         """End the utterances that wait for their final when their words are all committed
@@ -352,7 +380,8 @@ class Stream:
         if not self._vad.in_speech and not self._speech_ends:
             self._region_start = None
         self._policy.reset()
-        self._trim_to(end)
+        self._last_end = end
+        self._trim_to(self._keep_from(end))
         return end
 
     def _job(self, audio: np.ndarray, final: bool) -> Job:
@@ -368,6 +397,23 @@ class Stream:
     def _buffer(self) -> np.ndarray:
         """The window's samples, as a view that later feeds and trims leave as it is."""
         return self._samples.view()
+
+    def _keep_from(self, t: float) -> float:
+        """Where the window may start and still hold, as context, the committed words of the
+        last ``context_s`` before ``t`` (at a word boundary: the words before it become prompt)."""
+        cut = self._buffer_start
+        for w in self._committed:
+            if w.end > t - self.config.context_s:
+                break
+            cut = w.end
+        return cut
+
+    def _context_cut(self, now: float) -> float:
+        """Where the window may start at ``now`` outside speech: after the last utterance's
+        context while the pause since it is at most ``context_gap_s``, else at ``now``."""
+        if self._last_end is not None and self._committed and now - self._last_end <= self.config.context_gap_s:
+            return self._keep_from(self._last_end)
+        return now
 
     def _prompt(self) -> str:
         return self._prompt_text[-self.config.prompt_chars :]
@@ -403,3 +449,30 @@ def _drop_unheard_repeats(words: list[TimedWord]) -> list[TimedWord]:
                 if (copy[-1].end - copy[0].start) / k < UNHEARD_WORD_S:
                     return _drop_unheard_repeats(words[: i + k] + words[i + 2 * k :])
     return words
+
+
+def _drop_unheard_tail(words: list[TimedWord], context: list[str]) -> list[TimedWord]:
+    """Drop words the aligner found no audio for at the end of a hypothesis: Whisper going on
+    past the audio with text it has seen, "rainbow. When the sunlight strikes raindrops" (the
+    file's first line again, five words timed 121.80-121.80 s) or "can do for you. Ask not what
+    your country can do for you." (the copy in 0.04 s). Such a tail is three words or more that
+    last under ``UNHEARD_WORD_S`` each (the last may hold the window's leftover audio), or a
+    shorter one that repeats the words just before it ("2. 2.", the second timed 54.97-54.97 s),
+    or the whole hypothesis ("I'm sorry." in 0.04 s, after the speech had ended).
+    Dropped from a live hypothesis, a real word at the window's edge only waits for the next."""
+    keys = [*context, *(w.key for w in words)]
+    n = 0
+    while n < len(words) and _unheard(words[-1 - n]):
+        n += 1
+    quiet_before_last = 0
+    while quiet_before_last + 1 < len(words) and _unheard(words[-2 - quiet_before_last]):
+        quiet_before_last += 1
+    if quiet_before_last + 1 >= 3 and quiet_before_last + 1 > n:
+        n = quiet_before_last + 1
+    if n >= 3 or n == len(words) or (n and keys[-n:] == keys[-2 * n : -n]):
+        return words[:-n]
+    return words
+
+
+def _unheard(w: TimedWord) -> bool:
+    return w.end - w.start < UNHEARD_WORD_S

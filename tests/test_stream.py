@@ -12,9 +12,9 @@ from whisper_normalizer.english import EnglishTextNormalizer
 from streamd.audio import load_audio
 from streamd.jobs import run_job
 from streamd.policy import LocalAgreement, TimedWord
-from streamd.stream import Final, Partial, Stream, UtteranceEnd, VadChange
+from streamd.stream import Final, Partial, Stream, StreamConfig, UtteranceEnd, VadChange
 
-from .conftest import reference
+from .conftest import DATA, reference
 
 
 def words(text: str, start: float = 0.0) -> list[TimedWord]:
@@ -300,3 +300,130 @@ def test_utterances_that_all_end_before_the_engine_gets_to_them_each_end_once_in
     # Each final lies inside its own region: before its end, after the previous one's.
     for previous, end, final in zip([0.0, *stops], stops, finals, strict=False):
         assert previous - 0.01 <= final.start <= final.end <= end + 0.01
+
+
+# --- Context across trims and pauses, stalls, unheard tails (issue 18) -------------------------
+
+
+def _drive(stream: Stream, audio: np.ndarray, respond) -> list[tuple[object, list]]:
+    """Feed ``audio`` in 100 ms chunks and answer every job at once with ``respond(job)``'s
+    words (the test plays the engine); ``(job, events)`` per job, in order."""
+    done = []
+
+    def run(job):
+        done.append((job, stream.on_result(job, respond(job))))
+
+    for i in range(0, len(audio), 1600):
+        stream.feed(audio[i : i + 1600])
+        if (job := stream.next_job()) is not None:
+            run(job)
+    stream.finish()
+    while (job := stream.next_job()) is not None:
+        run(job)
+    return done
+
+
+def _a_word_at_the_end(job) -> list[TimedWord]:
+    end = job.offset + len(job.audio) / 16000
+    return [TimedWord(f" w{round(end * 10)}", end - 0.3, end - 0.1, 0.9)]
+
+
+def _utterances(done) -> list[list]:
+    """The jobs of each utterance (split after each ``UtteranceEnd``)."""
+    groups: list[list] = [[]]
+    for job, events in done:
+        groups[-1].append(job)
+        if any(isinstance(e, UtteranceEnd) for e in events):
+            groups.append([])
+    return [g for g in groups if g]
+
+
+def test_after_a_short_pause_the_next_utterance_is_decoded_after_the_last_ones_words(jfk_audio):
+    """Offline transcription sees the words before a pause of under 2 s in the same window; live,
+    the next utterance's window keeps them too, as its forced prefix. JFK pauses under a second
+    between its phrases."""
+    done = _drive(Stream(policy=CommitAtOnce()), jfk_audio, _a_word_at_the_end)
+    utterances = _utterances(done)
+    assert len(utterances) >= 2
+    for before, after in itertools.pairwise(utterances):
+        assert after[0].prefix.strip(), "the next utterance started without the last one's words"
+        assert after[0].offset < before[-1].offset + len(before[-1].audio) / 16000
+
+
+def test_after_a_long_pause_the_next_utterance_starts_afresh_with_the_words_as_its_prompt(jfk_audio):
+    cut = 2.8  # "And so my fellow Americans", then a 3 s pause
+    pause = np.zeros(3 * 16000, np.float32)
+    audio = np.concatenate([jfk_audio[: round(cut * 16000)], pause, jfk_audio[round(cut * 16000) :]])
+    done = _drive(Stream(policy=CommitAtOnce()), audio, _a_word_at_the_end)
+    utterances = _utterances(done)
+    assert utterances[0][0].offset < cut
+    after = utterances[1][0]
+    assert after.prefix == "" and after.offset > cut + 2.0
+    assert after.prompt.strip(), "the last utterance's words should be the prompt"
+
+
+def test_a_trim_keeps_the_last_seconds_of_committed_words_as_context():
+    """Past ``trim_s`` the window drops committed audio, but keeps ``context_s`` of it: the
+    next decode still hears the words before the new ones (a window cut to its last committed
+    word turned "too cruel" into "two cruel", decoded alone)."""
+    sonnet = load_audio(DATA / "speech" / "librivox_shakespeare_sonnets_first30s.flac")
+    config = StreamConfig(trim_s=6.0, context_s=2.0)
+    done = _drive(Stream(config, policy=CommitAtOnce()), sonnet, _a_word_at_the_end)
+    trimmed = [job for (prev, _), (job, _) in itertools.pairwise(done) if job.offset > prev.offset and not job.final]
+    assert trimmed, "no window outgrew trim_s"
+    for job in trimmed:  # (the reader never pauses for 2 s: every window keeps its context)
+        assert job.prefix, f"the window at {job.offset:.2f} s lost its context"
+        ends = [int(w[1:]) / 10 for w in job.prefix.split()]
+        assert min(ends) > job.offset and max(ends) - min(ends) >= config.context_s - 1.0, job.prefix
+    assert all(len(job.audio) / 16000 <= config.trim_s + 2 * config.update_s for job, _ in done)
+
+
+def test_a_closing_decode_that_stops_at_the_context_is_decoded_again_alone(jfk_audio):
+    """Without timestamps Whisper may end its text at the pause after the context's last
+    sentence ("... with hope than apprehension." and seven seconds of the next speaker lost).
+    An empty closing decode with speech after the context is run again from the last committed
+    word on; no utterance ends without its words."""
+
+    def stops_at_context(job):
+        if job.final and job.prefix:
+            return []
+        end = job.offset + len(job.audio) / 16000
+        return [TimedWord(f" w{round(end * 10)}", end - 0.3, end - 0.1, 0.9)]  # never agreed twice
+
+    done = _drive(Stream(), jfk_audio, stops_at_context)
+    utterances = _utterances(done)
+    assert len(utterances) >= 2
+    for jobs in utterances:
+        closing = [job for job in jobs if job.final]
+        assert closing[-1].prefix == ""
+    closing_finals = [e for _, events in done for e in events if isinstance(e, Final) and e.closes]
+    assert len(closing_finals) == len(utterances)
+    retried = [jobs for jobs in utterances[1:] if sum(job.final for job in jobs) == 2]
+    assert retried, "no closing decode was run again"
+
+
+def _timed(spec) -> list[TimedWord]:
+    return [TimedWord(" " + t, a, b, 0.9) for t, a, b in spec]
+
+
+def _closing_text(spec) -> str:
+    from streamd.stream import Job
+
+    job = Job(np.zeros(16000 * 4, np.float32), 118.0, "", "", True)
+    return " ".join(e.text for e in Stream().on_result(job, _timed(spec)) if isinstance(e, Final))
+
+
+def test_words_with_no_audio_at_the_end_of_a_hypothesis_are_dropped():
+    rainbow = [("form", 120.52, 120.68), ("a", 120.68, 120.8), ("rainbow.", 120.8, 121.18)]
+    again = [("When", 121.8, 121.8), ("the", 121.8, 121.8), ("sunlight", 121.8, 121.8), ("strikes", 121.8, 121.8)]
+    assert _closing_text([*rainbow, *again]) == "form a rainbow."
+    # ... the last word may hold what audio is left
+    assert _closing_text([*rainbow, *again[:3], ("strikes", 121.8, 121.98)]) == "form a rainbow."
+    assert _closing_text([("2.", 118.0, 118.9), ("2.", 118.97, 118.97)]) == "2."  # a copy of the one before
+    assert _closing_text([("I'm", 121.47, 121.49), ("sorry.", 121.49, 121.51)]) == ""  # nothing heard at all
+
+
+def test_a_word_heard_twice_and_an_edge_word_with_no_audio_yet_stay():
+    assert _closing_text([("no,", 118.0, 118.4), ("no.", 118.5, 118.9)]) == "no, no."
+    edge = [("for", 118.0, 118.3), ("your", 118.3, 118.6), ("country.", 119.0, 119.0)]
+    assert _closing_text(edge) == "for your country."
