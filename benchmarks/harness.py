@@ -57,6 +57,24 @@ def reference(path: str | Path) -> str:
     return Path(path).with_suffix(".txt").read_text(encoding="utf-8")
 
 
+LONG_FORM = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
+JOINED_GAP_S = 1.0
+
+
+def joined_shorter_files() -> tuple[np.ndarray, str, int]:
+    """The dev corpus's recordings other than the long-form, one after another with 1 s of a
+    quiet room (noise at 3e-4) between them: issue 18's second live bar. ``(audio, the
+    references joined, how many files)``."""
+    from streamd.audio import load_audio
+
+    paths = sorted(p for p in CORPUS.glob("*.wav") if p != LONG_FORM)
+    gap = np.random.default_rng(0).normal(0, 3e-4, round(JOINED_GAP_S * SR)).astype(np.float32)
+    parts: list[np.ndarray] = []
+    for path in paths:
+        parts += [load_audio(path), gap]
+    return np.concatenate(parts), " ".join(reference(p) for p in paths), len(paths)
+
+
 def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     """Word error rate over a set, as the corpus READMEs score it (a fraction, not percent)."""
     return jiwer.wer([normalise(r) for r in references], [normalise(h) for h in hypotheses])

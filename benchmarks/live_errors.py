@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
-from harness import CORPUS, corpus_wer, normalise, reference
+from harness import LONG_FORM, corpus_wer, joined_shorter_files, normalise, reference
 from stream_sim import simulate
 from threadpoolctl import threadpool_limits
 
@@ -34,9 +34,6 @@ from streamd.stream import StreamConfig
 from streamd.vad import VadConfig
 from whisper_engine.engine import Engine
 from whisper_engine.transcribe import TranscribeOptions
-
-LONG_FORM = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
-GAP_S = 1.0
 
 
 @dataclass
@@ -48,13 +45,8 @@ class Recording:
 
 def recordings(args: argparse.Namespace) -> list[Recording]:
     if args.joined:
-        paths = sorted(p for p in CORPUS.glob("*.wav") if p != LONG_FORM)
-        gap = np.random.default_rng(0).normal(0, 3e-4, round(GAP_S * 16000)).astype(np.float32)
-        parts, refs = [], []
-        for p in paths:
-            parts += [load_audio(p), gap]
-            refs.append(reference(p))
-        return [Recording(f"{len(paths)} shorter files, joined", np.concatenate(parts), " ".join(refs))]
+        audio, ref, n = joined_shorter_files()
+        return [Recording(f"{n} shorter files, joined", audio, ref)]
     paths = [Path(f) for f in args.files] or [LONG_FORM]
     return [Recording(p.name, load_audio(p), reference(p)) for p in paths]
 

@@ -15,7 +15,8 @@ spoken in 100 ms frames, and prints per file and overall:
 With ``--backend cuda`` the daemon batches the streams' windows (``--max-batch``); the run also
 prints the batch sizes and the device memory the daemon reports (/healthz).
 
-Default file: the 3-minute Shakespeare reading of the dev corpus.
+Default file: the 3-minute Shakespeare reading of the dev corpus. ``--joined``: the corpus's
+shorter recordings one after another as one stream, 1 s of a quiet room between them.
 """
 
 from __future__ import annotations
@@ -33,12 +34,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from harness import CORPUS, corpus_wer, reference
+from harness import LONG_FORM, corpus_wer, joined_shorter_files, reference
 from websockets.asyncio.client import connect
 
 from streamd.audio import load_audio
 
-DEFAULT = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
+DEFAULT = LONG_FORM
 CHUNK_S = 0.1
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -137,9 +138,12 @@ async def main_async(args: argparse.Namespace) -> None:
             used = cpu_seconds(pid) - c0
             print(f"silence {args.silence:.0f} s: daemon CPU {used:.2f} s = {100 * used / args.silence:.2f}% of a core")
         rows = []
-        for path in args.files:
-            audio = load_audio(path)
-            ref = reference(path)
+        recordings = [(Path(path).stem, lambda path=path: (load_audio(path), reference(path))) for path in args.files]
+        if args.joined:
+            audio, ref, n = joined_shorter_files()
+            recordings = [(f"{n} shorter dev files, joined", lambda: (audio, ref))]
+        for name, load in recordings:
+            audio, ref = load()
             c0 = cpu_seconds(pid) if pid else 0.0
             results = await asyncio.gather(*(replay(url, audio, f"bench-{i}") for i in range(args.streams)))
             cpu = (cpu_seconds(pid) - c0) if pid else float("nan")
@@ -150,8 +154,8 @@ async def main_async(args: argparse.Namespace) -> None:
             if args.dump:
                 Path(args.dump).mkdir(parents=True, exist_ok=True)
                 for i, r in enumerate(results):
-                    (Path(args.dump) / f"{Path(path).stem}.{i}.txt").write_text(r["text"] + "\n", encoding="utf-8")
-            rows.append((Path(path).stem[:44], len(audio) / 16000, args.streams, len(finals),
+                    (Path(args.dump) / f"{name}.{i}.txt").write_text(r["text"] + "\n", encoding="utf-8")
+            rows.append((name[:44], len(audio) / 16000, args.streams, len(finals),
                          statistics.median(finals), percentile(finals, 90), percentile(finals, 95), max(finals),
                          statistics.median(partials), percentile(partials, 90), 100 * statistics.mean(wers),
                          100 * max(wers), cpu / audio_s))  # fmt: skip
@@ -187,6 +191,7 @@ async def main_async(args: argparse.Namespace) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="*", default=[str(DEFAULT)])
+    p.add_argument("--joined", action="store_true", help="the shorter dev files one after another, as one stream")
     p.add_argument("--url", help="a running daemon's ws://.../v1/stream (default: start one)")
     p.add_argument("--pid", type=int, help="the running daemon's pid, for CPU (with --url)")
     p.add_argument("--streams", type=int, default=1, help="concurrent clients per file, each the same audio")
