@@ -68,6 +68,8 @@ def joined_shorter_files() -> tuple[np.ndarray, str, int]:
     from streamd.audio import load_audio
 
     paths = sorted(p for p in CORPUS.glob("*.wav") if p != LONG_FORM)
+    if not paths:
+        raise SystemExit(f"no dev recordings in {CORPUS} (the corpus lies beside the repository)")
     gap = np.random.default_rng(0).normal(0, 3e-4, round(JOINED_GAP_S * SR)).astype(np.float32)
     parts: list[np.ndarray] = []
     for path in paths:
