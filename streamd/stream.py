@@ -42,9 +42,9 @@ class StreamConfig:
     # a first decode of 1 s of audio alone turned "Two." into "2. 2." (BENCHMARKS.md, issue 18).
     context_s: float = 5.0
     context_gap_s: float = 2.0
-    # An empty hypothesis with this much audio after the last committed word (and, live, after
-    # the region's start): the model ended its text at the context (without timestamps Whisper
-    # stops at a pause after a sentence), so the window drops the context and decodes again.
+    # An empty hypothesis with this much speech after the last committed word (for an update,
+    # after the region's start too): the model ended its text at the context (without timestamps
+    # Whisper stops at a pause after a sentence), so the window drops the context and decodes again.
     stall_s: float = 1.0
     max_window_s: float = 25.0  # past this, old words are committed without agreement
     force_commit_lag_s: float = 5.0  # ... those ending this long before the window's end
@@ -55,6 +55,11 @@ class StreamConfig:
     def __post_init__(self) -> None:
         if not 0.1 <= self.update_s <= 5.0:
             raise ValueError(f"update_s must be from 0.1 to 5, got {self.update_s}")
+        if not 0.0 <= self.context_s < self.trim_s <= self.max_window_s:
+            raise ValueError(
+                "need 0 <= context_s < trim_s <= max_window_s, got"
+                f" {self.context_s}, {self.trim_s}, {self.max_window_s}"
+            )
 
 
 @dataclass
@@ -145,9 +150,10 @@ class SampleBuffer:
 
 
 class Stream:
-    """The window keeps the audio of the current utterance, committed words included, so that
-    every decode sees their context; the committed words inside it are forced as the decoder's
-    prefix, so each hypothesis holds only what follows them."""
+    """The window keeps the audio of the current utterance and of the last ``context_s`` of
+    committed words before it (across short pauses), so that every decode hears their context;
+    the committed words inside it are forced as the decoder's prefix, so each hypothesis holds
+    only what follows them."""
 
     def __init__(self, config: StreamConfig | None = None, policy: CommitPolicy | None = None) -> None:
         self.config = config or StreamConfig()
@@ -472,8 +478,8 @@ def _drop_unheard_tail(words: list[TimedWord], context: list[str]) -> list[Timed
         quiet_before_last += 1
     if quiet_before_last + 1 >= 3 and quiet_before_last + 1 > n:
         n = quiet_before_last + 1
-    if n >= 3 or n == len(words) or (n and keys[-n:] == keys[-2 * n : -n]):
-        return words[:-n]
+    if n and (n >= 3 or n == len(words) or keys[-n:] == keys[-2 * n : -n]):
+        return words[: len(words) - n]
     return words
 
 

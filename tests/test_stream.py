@@ -427,3 +427,9 @@ def test_a_word_heard_twice_and_an_edge_word_with_no_audio_yet_stay():
     assert _closing_text([("no,", 118.0, 118.4), ("no.", 118.5, 118.9)]) == "no, no."
     edge = [("for", 118.0, 118.3), ("your", 118.3, 118.6), ("country.", 119.0, 119.0)]
     assert _closing_text(edge) == "for your country."
+
+
+def test_a_context_that_would_not_fit_the_trimmed_window_is_refused():
+    with pytest.raises(ValueError, match="context_s < trim_s"):
+        StreamConfig(context_s=8.0, trim_s=8.0)
+    assert StreamConfig(context_s=0.0).context_s == 0.0  # no context: the window starts at its last word
