@@ -1,11 +1,12 @@
 """Where live finals depart from offline text: an error analysis on the dev corpus.
 
 Each recording goes through ``Stream`` on ``stream_sim.py``'s virtual clock and through the file
-path (``streamd transcribe``'s text). Both are aligned to the reference; every reference word
-that live gets wrong and offline gets right (a *live-only* error), and the reverse, is
-attributed to the final that holds it: how that final was committed (two hypotheses agreeing,
-the utterance's closing decode, or forced past the window's bound), how far its words were from
-the window's end when committed, and whether it was the utterance's first final.
+path (``streamd transcribe``'s text). Both are aligned to the reference; every word error
+(substitution, deletion or insertion) that live makes at a place where offline does not (a
+*live-only* error), and the reverse, is attributed to the live final that holds it: how that
+final was committed (two hypotheses agreeing, the utterance's closing decode, or forced past the
+window's bound), how far its words were from the window's end when committed, and whether it
+was the utterance's first final.
 
     python benchmarks/live_errors.py [FILE...] [--joined] [--show 30] [--config key=value ...]
 
@@ -98,7 +99,9 @@ def run(args: argparse.Namespace) -> None:
     types = {f.name: f.type for f in fields(StreamConfig)}
     changes = {}
     for item in args.config:
-        key, value = item.split("=", 1)
+        key, _, value = item.partition("=")
+        if key not in types or key == "vad":
+            raise SystemExit(f"--config {item}: not a number field of StreamConfig ({', '.join(types)})")
         changes[key] = (int if types[key] in (int, "int") else float)(value)
     config = replace(StreamConfig(), **changes)
     engine = Engine.load()
