@@ -27,11 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from harness import CORPUS, ROOT, DaemonProcess, corpus_wer, reference, stream_audio
+from harness import CORPUS, LONG_FORM, ROOT, DaemonProcess, corpus_wer, reference, stream_audio
 
 from streamd.audio import load_audio
-
-LONG_FORM = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
 
 FASTER_WHISPER = r"""
 import json, sys, time

@@ -61,13 +61,17 @@ LONG_FORM = CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"
 JOINED_GAP_S = 1.0
 
 
+def shorter_files() -> list[Path]:
+    """The dev corpus's recordings other than the long-form (1.1-16.7 s), in name order."""
+    return sorted(p for p in CORPUS.glob("*.wav") if p != LONG_FORM)
+
+
 def joined_shorter_files() -> tuple[np.ndarray, str, int]:
-    """The dev corpus's recordings other than the long-form, one after another with 1 s of a
-    quiet room (noise at 3e-4) between them: issue 18's second live bar. ``(audio, the
-    references joined, how many files)``."""
+    """:func:`shorter_files` one after another with 1 s of a quiet room (noise at 3e-4) between
+    them: issue 18's second live bar. ``(audio, the references joined, how many files)``."""
     from streamd.audio import load_audio
 
-    paths = sorted(p for p in CORPUS.glob("*.wav") if p != LONG_FORM)
+    paths = shorter_files()
     if not paths:
         raise SystemExit(f"no dev recordings in {CORPUS} (the corpus lies beside the repository)")
     gap = np.random.default_rng(0).normal(0, 3e-4, round(JOINED_GAP_S * SR)).astype(np.float32)

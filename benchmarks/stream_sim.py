@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from harness import CORPUS, corpus_wer, reference
+from harness import LONG_FORM, corpus_wer, reference
 
 from streamd.audio import load_audio
 from streamd.jobs import run_job
@@ -93,7 +93,7 @@ def simulate(engine: Engine, audio: np.ndarray, config: StreamConfig) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("file", nargs="?", default=str(CORPUS / "dev_librivox_shakespeare_sonnets_1-3_longform.wav"))
+    p.add_argument("file", nargs="?", default=str(LONG_FORM))
     p.add_argument("--update-s", type=float, nargs="+", default=[1.0])
     args = p.parse_args()
     engine = Engine.load()

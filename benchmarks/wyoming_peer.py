@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from harness import CORPUS, DaemonProcess, corpus_wer, cpu_seconds, pcm16, reference
+from harness import CORPUS, DaemonProcess, corpus_wer, cpu_seconds, pcm16, reference, shorter_files
 from wyoming.asr import Transcribe, Transcript, TranscriptChunk
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.client import AsyncTcpClient
@@ -176,7 +176,7 @@ def main() -> None:
     p.add_argument("--tail-s", type=float, default=0.7, help="silence after each command, before audio-stop")
     p.add_argument("--only", choices=["streamd", "peer"], default=None)
     args = p.parse_args()
-    files = [f for f in sorted(CORPUS.glob("*.wav")) if "longform" not in f.name][: args.files]
+    files = shorter_files()[: args.files]
     if not files:
         sys.exit(f"no dev recordings in {CORPUS}")
     print(f"# wyoming_peer: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {len(files)} commands "

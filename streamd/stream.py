@@ -470,18 +470,17 @@ def _drop_unheard_tail(words: list[TimedWord], context: list[str]) -> list[Timed
     or the whole hypothesis ("I'm sorry." in 0.04 s, after the speech had ended).
     Dropped from a live hypothesis, a real word at the window's edge only waits for the next."""
     keys = [*context, *(w.key for w in words)]
-    n = 0
-    while n < len(words) and _unheard(words[-1 - n]):
-        n += 1
-    quiet_before_last = 0
-    while quiet_before_last + 1 < len(words) and _unheard(words[-2 - quiet_before_last]):
-        quiet_before_last += 1
-    if quiet_before_last + 1 >= 3 and quiet_before_last + 1 > n:
-        n = quiet_before_last + 1
+    n = _unheard_run(words)
+    if n == 0 and _unheard_run(words[:-1]) >= 2:  # the last word holds what audio was left
+        n = _unheard_run(words[:-1]) + 1
     if n and (n >= 3 or n == len(words) or keys[-n:] == keys[-2 * n : -n]):
         return words[: len(words) - n]
     return words
 
 
-def _unheard(w: TimedWord) -> bool:
-    return w.end - w.start < UNHEARD_WORD_S
+def _unheard_run(words: list[TimedWord]) -> int:
+    """How many words at the end last under ``UNHEARD_WORD_S`` each."""
+    n = 0
+    while n < len(words) and words[-1 - n].end - words[-1 - n].start < UNHEARD_WORD_S:
+        n += 1
+    return n
